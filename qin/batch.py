@@ -1,0 +1,50 @@
+"""Typed model inputs: one `Batch` of impressions and the `ItemTables` every item vector needs.
+
+Notation: B batch rows, L history slots (max_len), V item vocabulary (rows of item_info),
+T tags per item (5), M multimodal width (128).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Batch:
+    """B impressions. Ids are int64 on the model's device; 0 is padding everywhere."""
+
+    target_item: torch.Tensor  # (B,) int64 item ids >= 1
+    history: torch.Tensor  # (B, L) int64 item ids, 0 = padding, most recent last
+    likes_level: torch.Tensor  # (B,) int64 encoded level (raw level + 1, 0 = padding)
+    views_level: torch.Tensor  # (B,) int64
+    label: torch.Tensor | None = None  # (B,) float32 0/1, None for test rows
+
+    @property
+    def size(self) -> int:
+        return int(self.target_item.shape[0])
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.to(device, non_blocking=non_blocking)
+
+        return Batch(
+            target_item=move(self.target_item),
+            history=move(self.history),
+            likes_level=move(self.likes_level),
+            views_level=move(self.views_level),
+            label=move(self.label),
+        )
+
+
+@dataclass(frozen=True)
+class ItemTables:
+    """Side information per item, row i = item i (row 0 = padding item)."""
+
+    tags: torch.Tensor  # (V, T) int64 tag ids, 0 = padding
+    mm_emb: torch.Tensor  # (V, M) float32 frozen multimodal vectors
+
+    @property
+    def num_items(self) -> int:
+        return int(self.tags.shape[0])

@@ -1,0 +1,278 @@
+"""One typed, frozen config tree: YAML -> `Config` -> (DataConfig, ModelConfig, TrainConfig).
+
+A YAML file has up to three sections (`data`, `model`, `train`) and an optional `base:` key naming
+another YAML file (relative to this one) whose values it overrides, so variants in `configs/` are
+small diffs over `qin.yaml`. Unknown keys and wrongly typed values are errors that name the key
+(`train.learnig_rate`), never silently ignored: FuxiCTR's flat `**kwargs` dict swallowed typos.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qin.errors import QinError
+
+
+class ModelName(str, enum.Enum):
+    """Every model `qin train` can build; each is a small class in `qin/model/`."""
+
+    qin = "qin"  # the published QIN: ASTA + QIN's quadratic tower (reference configuration)
+    qin_softmax = "qin_softmax"  # ablation: ASTA scores normalised with a softmax
+    qin_no_asta = "qin_no_asta"  # ablation: no attention; the tower sees the other fields and the target
+    qin_mlp = "qin_mlp"  # ablation: an MLP in place of the quadratic tower
+    qin_no_prelu = "qin_no_prelu"  # ablation: quadratic tower without its PReLU
+    qnn_alpha = "qnn_alpha"  # ASTA + the QNN-alpha tower (mid-activation, heads) with Self-Ensemble loss
+    din = "din"  # the organisers' DIN baseline (FuxiCTR DIN_default)
+
+
+class Regularization(str, enum.Enum):
+    """How the embedding L2 term is computed."""
+
+    full = "full"  # reference: lambda/2 * ||W||^2 over the whole tables every step
+    batch = "batch"  # cheaper, NOT the reference math: only rows used in the batch (plus W_mm)
+
+
+class DeviceChoice(str, enum.Enum):
+    auto = "auto"  # CUDA when present, else CPU
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the raw challenge files are and how features are cut."""
+
+    raw_dir: str = "data/MicroLens_1M_x1"  # train/valid/test/item_info parquet files
+    item_info: str | None = None  # alternative item table (same schema) in place of raw_dir/item_info.parquet
+    features_root: str = "features"  # `qin preprocess` writes <features_root>/<name>/
+    max_len: int = 64  # most recent history items kept per row
+
+    def __post_init__(self) -> None:
+        if self.max_len < 1:
+            raise QinError(f"data.max_len must be >= 1, got {self.max_len}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture. The defaults are QIN_variety_v9 as published (model.md section 4)."""
+
+    name: ModelName = ModelName.qin
+    embedding_dim: int = 128  # every field's embedding width (item vector = 3x this)
+    num_layers: int = 4  # quadratic (or MLP) tower depth
+    num_row: int = 4  # R: rows of the Khatri-Rao product per layer
+    num_heads: int = 1  # QNN-alpha heads (H); QIN's own tower has none
+    net_dropout: float = 0.1
+    batch_norm: bool = True
+    attention_dim: int | None = None  # ASTA width; None = 2 x item vector width (768 in the reference)
+    mlp_hidden: list[int] = field(default_factory=lambda: [1024, 512, 256])  # DIN DNN and the MLP ablation
+    din_attention_hidden: list[int] = field(default_factory=lambda: [512, 256])
+    din_attention_dropout: float = 0.1
+    # Runtime, not math: compute item vectors / key-value projections once per unique item in the
+    # batch (fast) or once per history slot (the reference's way). Both give the same logits.
+    unique_items: bool = True
+
+    def __post_init__(self) -> None:
+        positive = {"embedding_dim": self.embedding_dim, "num_layers": self.num_layers,
+                    "num_row": self.num_row, "num_heads": self.num_heads}
+        for key, value in positive.items():
+            if value < 1:
+                raise QinError(f"model.{key} must be >= 1, got {value}")
+        for key, value in {"net_dropout": self.net_dropout,
+                           "din_attention_dropout": self.din_attention_dropout}.items():
+            if not 0.0 <= value < 1.0:
+                raise QinError(f"model.{key} must be in [0, 1), got {value}")
+        if self.attention_dim is not None and self.attention_dim < 1:
+            raise QinError(f"model.attention_dim must be >= 1 or null, got {self.attention_dim}")
+        if any(width < 1 for width in self.mlp_hidden + self.din_attention_hidden):
+            raise QinError("model.mlp_hidden and model.din_attention_hidden need positive widths")
+        if self.embedding_dim % self.num_heads:
+            raise QinError(f"model.num_heads ({self.num_heads}) must divide model.embedding_dim "
+                           f"({self.embedding_dim}): QNN-alpha slices every field embedding into heads")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and the FuxiCTR-style loop (model.md section 5)."""
+
+    learning_rate: float = 2e-3
+    batch_size: int = 8192
+    embedding_regularizer: float = 2e-4  # lambda: adds lambda/2 * ||W||^2 for the embedding module
+    regularization: Regularization = Regularization.full
+    net_regularizer: float = 0.0  # lambda/2 * ||W||^2 over the non-embedding weights
+    epochs: int = 100  # upper bound; early stopping usually ends sooner
+    patience: int = 8  # consecutive non-improving evaluations before stopping
+    lr_decay_factor: float = 0.5  # LR multiplied by this on a non-improving evaluation
+    min_lr: float = 1e-6
+    min_delta: float = 1e-6  # an evaluation improves when AUC >= best + min_delta
+    max_grad_norm: float = 10.0
+    eval_steps: int | None = None  # evaluate every N steps; None = once per epoch
+    eval_batch_size: int = 65536
+    seed: int = 20242025
+    device: DeviceChoice = DeviceChoice.auto
+    bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    compile: bool = False  # torch.compile the model (CUDA only)
+    threads: int | None = None  # torch CPU threads; None = torch's default
+    max_steps: int | None = None  # stop after this many optimizer steps (benchmarks, smoke runs)
+    run_root: str = "runs"  # runs go to <run_root>/<run name>/
+
+    def __post_init__(self) -> None:
+        if self.learning_rate <= 0:
+            raise QinError(f"train.learning_rate must be > 0, got {self.learning_rate}")
+        for key in ("batch_size", "epochs", "patience", "eval_batch_size"):
+            if getattr(self, key) < 1:
+                raise QinError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        if not 0.0 < self.lr_decay_factor <= 1.0:
+            raise QinError(f"train.lr_decay_factor must be in (0, 1], got {self.lr_decay_factor}")
+        if self.eval_steps is not None and self.eval_steps < 1:
+            raise QinError(f"train.eval_steps must be >= 1 or null, got {self.eval_steps}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise QinError(f"train.max_steps must be >= 1 or null, got {self.max_steps}")
+        for key in ("embedding_regularizer", "net_regularizer", "min_lr", "max_grad_norm"):
+            if getattr(self, key) < 0:
+                raise QinError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @staticmethod
+    def from_yaml(path: str | Path, overrides: list[str] | None = None) -> Config:
+        """Load `path` (following `base:`), apply `section.key=value` overrides, validate."""
+        raw = _read_yaml_with_base(Path(path), seen=())
+        for item in overrides or []:
+            _apply_override(raw, item)
+        return Config.from_dict(raw, source=str(path))
+
+    @staticmethod
+    def from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
+        sections = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+        unknown = set(raw) - set(sections)
+        if unknown:
+            raise QinError(f"{source}: unknown config section(s) {sorted(unknown)}; "
+                           f"expected {sorted(sections)}")
+        built = {}
+        for name, cls in sections.items():
+            values = raw.get(name) or {}
+            if not isinstance(values, dict):
+                raise QinError(f"{source}: section '{name}' must be a mapping, got {type(values).__name__}")
+            built[name] = _build_section(cls, values, prefix=name, source=source)
+        return Config(**built)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML/JSON-safe dict (enums as their values); `from_dict` inverts it."""
+        return {name: _plain(dataclasses.asdict(getattr(self, name))) for name in ("data", "model", "train")}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def replace(self, section: str, **changes: Any) -> Config:
+        """A copy with some fields of one section changed (validated again)."""
+        return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)})
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    return value
+
+
+def _read_yaml_with_base(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    if not path.is_file():
+        raise QinError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise QinError(f"{path}: 'base:' chain loops back to itself")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise QinError(f"{path}: not valid YAML: {error}") from error
+    if not isinstance(raw, dict):
+        raise QinError(f"{path}: top level must be a mapping of sections")
+    base_name = raw.pop("base", None)
+    if base_name is None:
+        return raw
+    base = _read_yaml_with_base((path.parent / str(base_name)), seen + (path.resolve(),))
+    for section, values in raw.items():
+        if isinstance(values, dict) and isinstance(base.get(section), dict):
+            base[section] = {**base[section], **values}
+        else:
+            base[section] = values
+    return base
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    section, dot, name = key.strip().partition(".")
+    if not sep or not dot or not name:
+        raise QinError(f"override '{item}' must look like section.key=value (e.g. train.learning_rate=1e-3)")
+    raw.setdefault(section, {})
+    if not isinstance(raw[section], dict):
+        raise QinError(f"override '{item}': section '{section}' is not a mapping")
+    raw[section][name] = yaml.safe_load(text)
+
+
+def _build_section(cls: type, values: dict[str, Any], prefix: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise QinError(f"{source}: unknown config key(s) {', '.join(f'{prefix}.{k}' for k in unknown)}; "
+                       f"valid keys of '{prefix}': {', '.join(sorted(names))}")
+    converted = {key: _convert(value, hints[key], f"{prefix}.{key}", source) for key, value in values.items()}
+    return cls(**converted)
+
+
+def _convert(value: Any, hint: Any, key: str, source: str) -> Any:
+    """Check `value` against the annotation; ints are accepted for floats, '1e-3' strings too."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [option for option in options if option is not type(None)]
+        return _convert(value, inner, key, source)
+    if origin is list:
+        (inner,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise QinError(f"{source}: {key} must be a list, got {value!r}")
+        return [_convert(item, inner, key, source) for item in value]
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        try:
+            return hint(value)
+        except ValueError:
+            choices = ", ".join(member.value for member in hint)
+            raise QinError(f"{source}: {key} must be one of {choices}; got {value!r}") from None
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"config field {key} has unsupported annotation {hint!r}")
+    raise QinError(f"{source}: {key} must be {hint.__name__}, got {value!r} ({type(value).__name__})")
