@@ -177,8 +177,10 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def replace(self, section: str, **changes: Any) -> Config:
-        """A copy with some fields of one section changed (validated again)."""
-        return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)})
+        """A copy with some fields of one section changed, converted and validated like YAML values."""
+        raw = self.to_dict()
+        raw[section] = {**raw[section], **_plain(changes)}
+        return Config.from_dict(raw, source="Config.replace")
 
 
 def _plain(value: Any) -> Any:

@@ -1,0 +1,285 @@
+"""The `qin` command: each subcommand parses its options and calls one library function."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from qin.config import Config
+from qin.errors import QinError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="QIN for multimodal CTR prediction: synth -> preprocess -> train -> predict.")
+console = Console(stderr=True)
+
+ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="YAML config (see qin.yaml).")]
+SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override, e.g. --set train.learning_rate=1e-3.")]
+RunOption = Annotated[Path | None, typer.Option("--run", help="Run folder (default: newest under runs/).")]
+
+
+def _user_errors(command: Callable) -> Callable:
+    """Turn QinError into a one-line message and exit code 2 instead of a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except QinError as error:
+            console.print(f"[bold red]error:[/bold red] {error}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=2) from None
+
+    return wrapper
+
+
+def _load_config(config: Path, overrides: list[str] | None) -> Config:
+    return Config.from_yaml(config, overrides or [])
+
+
+def _run_dir_or_latest(run: Path | None, config: Config | None = None) -> Path:
+    from qin.runs import latest_run_dir
+
+    if run is not None:
+        return run
+    return latest_run_dir(Path(config.train.run_root if config else "runs"))
+
+
+@app.command()
+@_user_errors
+def synth(
+    size: Annotated[str, typer.Option(help="tiny | small | bench | full")] = "small",
+    out: Annotated[Path, typer.Option(help="Output folder (data set + hidden/ truth).")] = Path("data/demo"),
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed writes the same data.")] = 0,
+    test_label: Annotated[bool, typer.Option(help="Give test.parquet a constant 0 label column.")] = False,
+    images: Annotated[bool, typer.Option(help="Write small cover images.")] = True,
+) -> None:
+    """Generate a demo data set with the challenge's layout and a known oracle AUC."""
+    from qin.synth import SynthSize, synthesize
+
+    try:
+        chosen = SynthSize(size)
+    except ValueError:
+        raise QinError(f"--size must be one of {', '.join(s.value for s in SynthSize)}; got {size!r}") from None
+    result = synthesize(out, chosen, seed=seed, test_label=test_label, images=images)
+    meta = result.meta
+    console.print(f"wrote {result.data_dir} (truth in {result.hidden_dir})")
+    console.print(f"oracle AUC (valid) {meta['auc']['oracle_valid']:.4f}; popularity alone "
+                  f"{meta['auc']['popularity_valid']:.4f}")
+
+
+@app.command()
+@_user_errors
+def preprocess(
+    config: ConfigOption = Path("qin.yaml"),
+    overrides: SetOption = None,
+    force: Annotated[bool, typer.Option(help="Rebuild even when the features are up to date.")] = False,
+) -> None:
+    """Raw parquet files -> model-ready arrays under features/ (a no-op when up to date)."""
+    cfg = _load_config(config, overrides)
+    result = _build_features(cfg, force=force)
+    state = "rebuilt" if result.rebuilt else "up to date"
+    console.print(f"features {state}: {result.feature_dir} ({result.seconds:.1f} s)")
+
+
+def _build_features(cfg: Config, force: bool = False):
+    from qin.features.pipeline import build_features, feature_dir_for
+
+    data = cfg.data
+    item_info = Path(data.item_info) if data.item_info else None
+    feature_dir = feature_dir_for(Path(data.features_root), Path(data.raw_dir), data.max_len, item_info)
+    return build_features(Path(data.raw_dir), feature_dir, data.max_len, item_info=item_info, force=force)
+
+
+@app.command()
+@_user_errors
+def train(
+    config: ConfigOption = Path("qin.yaml"),
+    overrides: SetOption = None,
+    run_dir: Annotated[Path | None, typer.Option(help="Run folder (default: runs/<model>-<time>).")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue the interrupted run in this folder.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Train, early-stop on validation AUC, keep the best checkpoint (runs/<name>/best.pt)."""
+    from qin import distributed
+    from qin.features.io import load_features
+    from qin.runs import new_run_dir
+    from qin.train import fit
+
+    cfg = _load_config(config, overrides)
+    dist = distributed.context()
+    if resume is not None:
+        run_dir = resume
+        cfg = _load_config(resume / "config.yaml", overrides) if config == Path("qin.yaml") else cfg
+    feature_dir = _build_features(cfg).feature_dir if dist.is_main else None
+    if dist.world_size > 1:
+        distributed.barrier(dist)  # rank 0 builds the features; the others wait, then read them
+        from qin.features.pipeline import feature_dir_for
+
+        data = cfg.data
+        feature_dir = feature_dir_for(Path(data.features_root), Path(data.raw_dir), data.max_len,
+                                      Path(data.item_info) if data.item_info else None)
+    if run_dir is None:
+        run_dir = _shared_run_dir(cfg, dist)
+    result = fit(cfg, load_features(feature_dir), run_dir, resume=resume is not None, progress=progress,
+                 console=console)
+    if dist.is_main:
+        console.print(f"best valid AUC {result.valid_auc:.5f} (epoch {result.best_epoch}); "
+                      f"checkpoint {run_dir / 'best.pt'}")
+    distributed.shutdown(dist)
+
+
+def _shared_run_dir(cfg: Config, dist) -> Path:
+    """A new run folder, named by rank 0 and shared with the other processes."""
+    from qin.runs import new_run_dir
+
+    if dist.world_size == 1:
+        return new_run_dir(Path(cfg.train.run_root), cfg.model.name.value)
+    import torch.distributed as torch_dist
+
+    holder = [str(new_run_dir(Path(cfg.train.run_root), cfg.model.name.value)) if dist.is_main else None]
+    torch_dist.broadcast_object_list(holder, src=0)
+    return Path(holder[0])
+
+
+@app.command()
+@_user_errors
+def predict(
+    out: Annotated[Path | None, typer.Option(help="Output file (default: submissions/<run>_<auc>.csv).")] = None,
+    run: RunOption = None,
+    split: Annotated[str, typer.Option(help="test: the submission; valid: per-row predictions.")] = "test",
+    column: Annotated[str, typer.Option(help="Submission column: Task1 | Task2 | Task1&2.")] = "Task2",
+    make_zip: Annotated[bool, typer.Option("--zip", help="Also write <out>.zip with prediction.csv.")] = False,
+    features: Annotated[Path | None, typer.Option(help="Feature folder (default: the one trained on).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda (default: the run's).")] = None,
+) -> None:
+    """Write the challenge submission (ID,Task2), validated; or per-row validation predictions."""
+    from qin.predict import load_run, validation_predictions, write_frame, write_submission
+
+    loaded = load_run(_run_dir_or_latest(run), feature_dir=features, device=device)
+    if split == "valid":
+        target = out or loaded.run_dir / "valid_predictions.parquet"
+        write_frame(validation_predictions(loaded), target)
+        console.print(f"wrote per-row validation predictions: {target}")
+        return
+    if split != "test":
+        raise QinError(f"--split must be test or valid, got {split!r}")
+    if out is None:
+        auc_text = f"{loaded.checkpoint.get('valid_auc', float('nan')):.4f}"
+        out = Path("submissions") / f"{loaded.run_dir.name}_{auc_text}.csv"
+    sidecar = write_submission(loaded, out, column=column, make_zip=make_zip)
+    console.print(f"wrote {sidecar['rows']} rows to {out}" + (f" and {sidecar['zip']}" if make_zip else ""))
+    print(out)
+
+
+@app.command()
+@_user_errors
+def evaluate(
+    run: RunOption = None,
+    truth: Annotated[Path | None, typer.Option(help="Generator truth folder (e.g. data/demo/hidden).")] = None,
+    features: Annotated[Path | None, typer.Option(help="Feature folder (default: the one trained on).")] = None,
+) -> None:
+    """AUC and logloss on the validation split (and the oracle AUC on generated data)."""
+    from qin.predict import evaluate_run, load_run
+
+    result = evaluate_run(load_run(_run_dir_or_latest(run), feature_dir=features), truth)
+    table = Table(title="validation")
+    for key in result:
+        table.add_column(key)
+    table.add_row(*(f"{v:.0f}" if k == "rows" else f"{v:.5f}" for k, v in result.items()))
+    console.print(table)
+    print(json.dumps(result))
+
+
+@app.command()
+@_user_errors
+def embed(
+    source: Annotated[str, typer.Option("--from", help="precomputed (organisers' BERT+CLIP vectors) | content.")]
+    = "precomputed",
+    data: Annotated[Path, typer.Option(help="Data folder: item_feature.parquet, MicroLens_1M_x1/, item_images/.")]
+    = Path("data/demo"),
+    out: Annotated[Path | None, typer.Option(help="Item table to write (default: <data>/item_info_<from>.parquet).")]
+    = None,
+    text_model: Annotated[Path | None, typer.Option(help="Local transformers text model (default: bundled MiniLM).")]
+    = None,
+    image_model: Annotated[Path | None, typer.Option(help="Local transformers image model folder (e.g. CLIP).")]
+    = None,
+    images: Annotated[Path | None, typer.Option(help="Cover images folder (default: <data>/item_images).")] = None,
+    text_weight: Annotated[float, typer.Option(help="Weight of the text modality in the fusion.")] = 0.5,
+    image_weight: Annotated[float, typer.Option(help="Weight of the image modality in the fusion.")] = 0.5,
+    fusion: Annotated[str, typer.Option(help="concat | mean")] = "concat",
+    dim: Annotated[int, typer.Option(help="PCA output width (the challenge requires 128).")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Encoder batch size.")] = 64,
+    cache_dir: Annotated[Path, typer.Option(help="Per-encoder cache of encoded vectors.")]
+    = Path("features/embed_cache"),
+) -> None:
+    """Build the 128-d multimodal item embedding (Task 1) as an item_info-compatible table."""
+    from qin.embed import Fusion, embed_from_content, embed_from_precomputed
+
+    item_feature, item_info = data / "item_feature.parquet", data / "MicroLens_1M_x1" / "item_info.parquet"
+    target = out or data / f"item_info_{source}.parquet"
+    if source == "precomputed":
+        result = embed_from_precomputed(item_feature, item_info, target, dim=dim)
+    elif source == "content":
+        result = embed_from_content(item_feature, item_info, images, target, text_model=text_model,
+                                    image_model=image_model, text_weight=text_weight, image_weight=image_weight,
+                                    dim=dim, batch_size=batch_size, cache_dir=cache_dir, fusion=Fusion(fusion))
+    else:
+        raise QinError(f"--from must be precomputed or content, got {source!r}")
+    console.print(f"wrote {result.out}: {result.items} items, PCA keeps {100 * result.explained_variance:.1f}% "
+                  f"of the variance; missing titles {result.missing_titles}, missing images "
+                  f"{result.missing_images} ({result.seconds:.1f} s)")
+    console.print(f"use it with: --set data.item_info={result.out}")
+
+
+@app.command()
+@_user_errors
+def neighbors(
+    item_id: Annotated[int, typer.Argument(help="Item to look up.")],
+    k: Annotated[int, typer.Option("-k", help="How many neighbours.")] = 10,
+    table: Annotated[Path, typer.Option(help="Item table with item_emb_d128.")]
+    = Path("data/demo/MicroLens_1M_x1/item_info.parquet"),
+    data: Annotated[Path | None, typer.Option(help="Data folder with item_feature.parquet (for titles).")] = None,
+) -> None:
+    """The k nearest items (cosine over the item embedding) with their titles and tags."""
+    from qin.embed import neighbors as nearest
+
+    item_feature = (data / "item_feature.parquet") if data else table.parent.parent / "item_feature.parquet"
+    frame = nearest(table, item_feature if item_feature.is_file() else None, item_id, k=k)
+    out = Table(title=f"nearest items to {item_id}")
+    for column in frame.columns:
+        out.add_column(column)
+    for row in frame.iter_rows():
+        out.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row))
+    Console().print(out)
+
+
+@app.command()
+@_user_errors
+def demo(
+    size: Annotated[str, typer.Option(help="Demo data size: tiny | small.")] = "small",
+    config: ConfigOption = Path("configs/demo.yaml"),
+    overrides: SetOption = None,
+    out: Annotated[Path, typer.Option(help="Submission file.")] = Path("submissions/demo_submission.csv"),
+) -> None:
+    """The whole job on generated data: synth -> preprocess -> train -> predict -> evaluate."""
+    from qin.demo import run_demo
+
+    summary = run_demo(size, _load_config(config, overrides), out, console)
+    console.print(f"[bold]validation AUC {summary['valid_auc']:.4f}[/bold]  oracle AUC {summary['oracle_auc']:.4f}"
+                  f"  ({100 * summary['valid_auc'] / summary['oracle_auc']:.1f}% of the oracle)")
+    console.print(f"submission: {summary['submission']}")
+
+
+def main() -> None:  # pragma: no cover - `python -m qin`
+    # torchrun sets these; keep BLAS from oversubscribing cores when several processes share a CPU.
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+    app(prog_name="qin", args=sys.argv[1:])

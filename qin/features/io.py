@@ -1,0 +1,225 @@
+"""Reading raw challenge files and reading/writing the feature folder (the contract with training).
+
+Feature folder layout (N rows in a split, V items, L = max_len, D = mm_dim, T = tags_per_item):
+
+    <feature_dir>/manifest.json
+    <feature_dir>/items/item_tags.npy      int32   (V, T)   row i = item i
+    <feature_dir>/items/item_emb.npy       float32 (V, D)   row i = item i (row 0 as in the input)
+    <feature_dir>/<split>/item_id.npy      int32   (N,)
+    <feature_dir>/<split>/history.npy      int32   (N, L)   last L non-zero history items, most recent
+                                                            last, LEFT-padded with 0
+    <feature_dir>/<split>/likes_level.npy  int8    (N,)     raw level + 1 (1..10); 0 = padding
+    <feature_dir>/<split>/views_level.npy  int8    (N,)     same encoding
+    <feature_dir>/<split>/label.npy        float32 (N,)     train/valid only
+    <feature_dir>/<split>/user_id.npy      int64   (N,)
+    <feature_dir>/test/ID.npy              int64   (N,)
+
+Arrays are plain `.npy` files so that training can memory-map them (`np.load(mmap_mode="r")`) and
+slice batches without ever holding the 3.6M-row train split in RAM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from qin.errors import QinError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SPLITS: tuple[str, ...] = ("train", "valid", "test")
+ITEM_INFO = "item_info.parquet"
+
+# Raw column names (read by NAME, never by position: the column order of test.parquet is not known).
+USER_ID = "user_id"
+ITEM_SEQ = "item_seq"
+ITEM_ID = "item_id"
+LIKES_LEVEL = "likes_level"
+VIEWS_LEVEL = "views_level"
+LABEL = "label"
+ID = "ID"
+ITEM_TAGS = "item_tags"
+ITEM_EMB = "item_emb_d128"
+
+_HASH_BLOCK = 8 * 1024 * 1024  # 8 MiB: streaming hash of multi-GB files in constant memory
+
+
+def split_file(raw_dir: Path, split: str) -> Path:
+    """The raw parquet file of one split, e.g. ``raw_dir/train.parquet``."""
+    return raw_dir / f"{split}.parquet"
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 8 MiB blocks so memory stays flat for any file size."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(_HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def source_entry(path: Path) -> dict[str, Any]:
+    """The manifest's record of one input file: resolved path, size in bytes and sha256."""
+    return {"path": str(path.resolve()), "size": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def read_schema(path: Path) -> pl.Schema:
+    """Column names and dtypes from the parquet footer (no data is read).
+
+    Raises:
+        QinError: the file is missing or is not a readable parquet file.
+    """
+    if not path.is_file():
+        raise QinError(f"{path}: file not found")
+    try:
+        return pl.scan_parquet(path).collect_schema()
+    except Exception as exc:  # polars raises several error types for a corrupt footer
+        raise QinError(f"{path}: cannot read as parquet ({exc})") from exc
+
+
+def count_rows(path: Path) -> int:
+    """Row count from the parquet metadata (polars answers `pl.len()` without decoding columns)."""
+    return int(pl.scan_parquet(path).select(pl.len()).collect().item())
+
+
+def row_slices(n_rows: int, chunk_rows: int) -> list[tuple[int, int]]:
+    """(offset, length) pairs that cover ``n_rows`` in order, each at most ``chunk_rows`` long."""
+    return [(offset, min(chunk_rows, n_rows - offset)) for offset in range(0, n_rows, chunk_rows)]
+
+
+def read_slice(path: Path, columns: list[pl.Expr], offset: int, length: int) -> pl.DataFrame:
+    """Rows ``[offset, offset + length)`` of a parquet file, selected by the given expressions.
+
+    The slice is pushed down into the parquet reader by the streaming engine, so only the row
+    groups (and pages) that overlap the slice are decoded: memory is bounded by the chunk size.
+    """
+    return pl.scan_parquet(path).slice(offset, length).select(columns).collect(engine="streaming")
+
+
+def open_array(path: Path, dtype: np.dtype[Any] | type, shape: tuple[int, ...]) -> np.memmap:
+    """Create a preallocated ``.npy`` file and return it as a writable memory map.
+
+    Chunks are written straight into the file, so a split never has to exist in RAM as a whole.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+
+
+def write_manifest(feature_dir: Path, manifest: dict[str, Any]) -> None:
+    """Write ``manifest.json`` (pretty-printed: people read it to check what a folder holds)."""
+    (feature_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+
+
+def read_manifest(feature_dir: Path) -> dict[str, Any]:
+    """Parse ``manifest.json`` and check its format version.
+
+    Raises:
+        QinError: naming the folder, when it or its manifest is missing, unreadable or of another
+            format version.
+    """
+    if not feature_dir.is_dir():
+        raise QinError(f"{feature_dir}: feature folder not found (run `qin preprocess` first)")
+    path = feature_dir / MANIFEST
+    if not path.is_file():
+        raise QinError(f"{feature_dir}: no {MANIFEST} (not a feature folder, or an interrupted build)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise QinError(f"{path}: cannot parse the manifest ({exc})") from exc
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if version != FORMAT_VERSION:
+        raise QinError(
+            f"{feature_dir}: manifest format_version {version!r}, this qin reads {FORMAT_VERSION} "
+            "(rebuild it with `qin preprocess --force`)"
+        )
+    return manifest
+
+
+@dataclass(frozen=True)
+class SplitArrays:
+    """One split's memory-mapped arrays (N rows, L = max_len).
+
+    Attributes:
+        item_id: int32 (N,) target item, 1..V-1.
+        history: int32 (N, L) most recent item last, left-padded with 0.
+        likes_level: int8 (N,) raw level + 1 (1..10), 0 reserved for padding.
+        views_level: int8 (N,) same encoding.
+        user_id: int64 (N,) only for grouping (GAUC), not a model feature.
+        label: float32 (N,) 0/1, or None for the test split.
+        ids: int64 (N,) the submission key ``ID`` for the test split, else None.
+    """
+
+    item_id: np.ndarray
+    history: np.ndarray
+    likes_level: np.ndarray
+    views_level: np.ndarray
+    user_id: np.ndarray
+    label: np.ndarray | None
+    ids: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """A loaded feature folder: manifest, item tables (V rows) and access to each split.
+
+    Attributes:
+        dir: the feature folder.
+        manifest: the parsed ``manifest.json``.
+        item_tags: int32 (V, T) memory-mapped tag ids, 0 = padding.
+        item_emb: float32 (V, D) memory-mapped frozen multimodal embeddings.
+    """
+
+    dir: Path
+    manifest: dict[str, Any]
+    item_tags: np.ndarray
+    item_emb: np.ndarray
+
+    def split(self, name: str) -> SplitArrays:
+        """Memory-map the arrays of split ``name`` ("train", "valid" or "test").
+
+        Raises:
+            QinError: the split is not in this folder or one of its files is missing.
+        """
+        splits = self.manifest.get("splits", {})
+        if name not in splits:
+            raise QinError(f"{self.dir}: no split {name!r} (have: {', '.join(splits)})")
+        folder = self.dir / name
+        has_label = bool(splits[name].get("has_label"))
+        return SplitArrays(
+            item_id=_load(folder / "item_id.npy"),
+            history=_load(folder / "history.npy"),
+            likes_level=_load(folder / "likes_level.npy"),
+            views_level=_load(folder / "views_level.npy"),
+            user_id=_load(folder / "user_id.npy"),
+            label=_load(folder / "label.npy") if has_label else None,
+            ids=_load(folder / "ID.npy") if name == "test" else None,
+        )
+
+
+def _load(path: Path) -> np.ndarray:
+    """Memory-map one ``.npy`` file read-only, with an error naming it if it is missing."""
+    if not path.is_file():
+        raise QinError(f"{path}: missing from the feature folder (rebuild with `qin preprocess --force`)")
+    return np.load(path, mmap_mode="r")
+
+
+def load_features(feature_dir: Path) -> FeatureSet:
+    """Open a feature folder written by `build_features` (arrays are memory-mapped, not read).
+
+    Raises:
+        QinError: naming the folder if it or its manifest is missing or has a wrong format_version.
+    """
+    feature_dir = Path(feature_dir)
+    manifest = read_manifest(feature_dir)
+    return FeatureSet(
+        dir=feature_dir,
+        manifest=manifest,
+        item_tags=_load(feature_dir / "items" / "item_tags.npy"),
+        item_emb=_load(feature_dir / "items" / "item_emb.npy"),
+    )

@@ -1,0 +1,427 @@
+"""`qin preprocess`: raw challenge parquet files -> a memory-mappable feature folder.
+
+Composition only: reading/writing lives in `io.py`, rules in `validate.py`, transformations in
+`steps.py`. The build is
+
+1. check that every input exists and hash it (size + sha256); if the folder's manifest records the
+   same inputs and config, stop (a no-op);
+2. check every file's columns and dtypes (footer only) so a bad test.parquet fails in seconds, not
+   after the train split was processed;
+3. item_info -> items/item_tags.npy, items/item_emb.npy (small: read whole);
+4. valid, test, train (smallest first, for the same reason) in row chunks: read a slice, validate
+   it, encode it, write it into preallocated ``.npy`` memory maps;
+5. write manifest.json last, then rename the temp folder into place.
+
+Memory is bounded by the chunk size (default 500k rows: ~0.4 GB of raw int64 histories at S=100),
+never by the split size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+import qin
+from qin.errors import QinError
+from qin.features import steps, validate
+from qin.features.io import (
+    FORMAT_VERSION,
+    ID,
+    ITEM_EMB,
+    ITEM_ID,
+    ITEM_INFO,
+    ITEM_SEQ,
+    ITEM_TAGS,
+    LABEL,
+    LIKES_LEVEL,
+    MANIFEST,
+    SPLITS,
+    USER_ID,
+    VIEWS_LEVEL,
+    count_rows,
+    open_array,
+    read_manifest,
+    read_slice,
+    row_slices,
+    sha256_file,
+    source_entry,
+    split_file,
+    write_manifest,
+)
+
+CHUNK_ROWS = 500_000
+# Small splits first: a bad valid/test file should fail before minutes are spent on train.
+BUILD_ORDER: tuple[str, ...] = ("valid", "test", "train")
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """What `build_features` did: the folder, whether it was (re)built, and the call's wall time."""
+
+    feature_dir: Path
+    rebuilt: bool
+    seconds: float
+
+
+def feature_dir_for(features_root: Path, raw_dir: Path, max_len: int, item_info: Path | None) -> Path:
+    """Deterministic feature folder for a raw folder and config, e.g. ``features/MicroLens_1M_x1-L64``.
+
+    An item_info override adds ``-ii<8 hex>``, a hash of its resolved path and content, so two
+    embedding tables built side by side never share (and keep rebuilding) one folder.
+    """
+    name = f"{Path(raw_dir).name}-L{max_len}"
+    if item_info is not None:
+        item_info = Path(item_info)
+        if not item_info.is_file():
+            raise QinError(f"{item_info}: file not found")
+        digest = hashlib.sha256(f"{item_info.resolve()}\n{sha256_file(item_info)}".encode()).hexdigest()
+        name += f"-ii{digest[:8]}"
+    return Path(features_root) / name
+
+
+def build_features(
+    raw_dir: Path,
+    out_dir: Path,
+    max_len: int,
+    item_info: Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+    chunk_rows: int = CHUNK_ROWS,
+) -> BuildResult:
+    """Validate the raw files and write the feature folder ``out_dir`` (see `qin.features.io`).
+
+    Args:
+        raw_dir: folder with train/valid/test.parquet (and item_info.parquet unless overridden).
+        out_dir: the feature folder to write (usually `feature_dir_for(...)`).
+        max_len: L, history items kept per row (the most recent non-zero ones).
+        item_info: an alternative item table with item_info.parquet's schema, used instead of
+            ``raw_dir/item_info.parquet``.
+        force: rebuild even when the manifest says the folder is up to date.
+        progress: show rich progress bars and status lines (on stderr).
+        chunk_rows: rows per chunk; bounds peak memory (tests use tiny chunks to cross boundaries).
+
+    Returns:
+        BuildResult; ``rebuilt`` is False when inputs and config matched the existing manifest.
+
+    Raises:
+        QinError: a missing or malformed input, naming file, column and first bad row. Nothing
+            is left behind: the build writes to ``<out_dir>.tmp-<pid>`` and deletes it on error.
+    """
+    start = time.perf_counter()
+    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    if max_len < 1:
+        raise QinError(f"max_len must be >= 1, got {max_len}")
+    if chunk_rows < 1:
+        raise QinError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    console = Console(stderr=True, quiet=not progress)
+
+    inputs = {f"{split}.parquet": split_file(raw_dir, split) for split in SPLITS}
+    inputs[ITEM_INFO] = Path(item_info) if item_info is not None else raw_dir / ITEM_INFO
+    for path in inputs.values():
+        if not path.is_file():
+            raise QinError(f"{path}: file not found")
+    config = {
+        "raw_dir": str(raw_dir.resolve()),
+        "item_info": str(inputs[ITEM_INFO].resolve()),
+        "max_len": max_len,
+    }
+    with console.status("hashing inputs"):
+        sources = {name: source_entry(path) for name, path in inputs.items()}
+
+    if not force and _up_to_date(out_dir, config, sources):
+        console.print(f"[green]features up to date[/]: {out_dir} (inputs and config unchanged)")
+        return BuildResult(out_dir, rebuilt=False, seconds=time.perf_counter() - start)
+
+    _check_replaceable(out_dir)
+    _remove_stale(out_dir)
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+    try:
+        tmp.mkdir(parents=True)
+        manifest = _build(inputs, tmp, max_len, chunk_rows, console, config, sources)
+        write_manifest(tmp, manifest)  # last: a folder with a manifest is a complete folder
+        _publish(tmp, out_dir)
+    except BaseException:
+        # Also on KeyboardInterrupt: never leave a half-written folder behind.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    seconds = time.perf_counter() - start
+    console.print(f"[green]features written[/]: {out_dir} ({seconds:.1f} s)")
+    return BuildResult(out_dir, rebuilt=True, seconds=seconds)
+
+
+def _build(
+    inputs: dict[str, Path],
+    out: Path,
+    max_len: int,
+    chunk_rows: int,
+    console: Console,
+    config: dict[str, Any],
+    sources: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    """Write items/ and every split into ``out``; return the manifest (not yet written)."""
+    # Footer-only checks of every file first (cheap), so schema errors anywhere fail fast.
+    item_schema = validate.check_columns(inputs[ITEM_INFO], validate.ITEM_INFO_COLUMNS)
+    schemas = {
+        split: validate.check_columns(_split_path(inputs, split), _required(split)) for split in SPLITS
+    }
+    n_rows = {}
+    for split in SPLITS:
+        n_rows[split] = count_rows(_split_path(inputs, split))
+        validate.check_not_empty(_split_path(inputs, split), n_rows[split])
+
+    with console.status("item_info: validating and writing item tables"):
+        items = _build_items(inputs[ITEM_INFO], item_schema, out / "items")
+    console.print(
+        f"item_info: {items['item_vocab']} items, tag vocab {items['tag_vocab']}, "
+        f"embedding dim {items['mm_dim']}"
+    )
+
+    progress = Progress(
+        TextColumn("{task.description:<6}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("rows"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=console.quiet,
+    )
+    splits: dict[str, dict[str, Any]] = {}
+    with progress:
+        tasks = {split: progress.add_task(split, total=n_rows[split]) for split in BUILD_ORDER}
+        for split in BUILD_ORDER:
+            splits[split] = _build_split(
+                _split_path(inputs, split),
+                split,
+                schemas[split],
+                n_rows[split],
+                out / split,
+                items["item_vocab"],
+                max_len,
+                chunk_rows,
+                progress,
+                tasks[split],
+            )
+    return {
+        "format_version": FORMAT_VERSION,
+        "max_len": max_len,
+        **items,
+        "level_vocab": steps.LEVEL_VOCAB,
+        "splits": {split: splits[split] for split in SPLITS},
+        "sources": sources,
+        "config": config,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "qin_version": qin.__version__,
+    }
+
+
+def _split_path(inputs: dict[str, Path], split: str) -> Path:
+    """The input path of a split from the ``inputs`` table."""
+    return inputs[f"{split}.parquet"]
+
+
+def _required(split: str) -> dict[str, validate.ColumnKind]:
+    """Required columns of a split: label on train/valid; ID (and never label) on test."""
+    required = dict(validate.SPLIT_COLUMNS)
+    if split == "test":
+        required[ID] = validate.ColumnKind.INTEGER
+    else:
+        required[LABEL] = validate.ColumnKind.BINARY
+    return required
+
+
+def _build_items(path: Path, schema: pl.Schema, out: Path) -> dict[str, Any]:
+    """Validate item_info and write item_tags.npy int32 (V, 5) and item_emb.npy float32 (V, D).
+
+    item_info is small (V = 91,718 rows, ~90 MB of float64 embeddings at full size), so it is
+    read whole rather than chunked.
+    """
+    validate.check_not_empty(path, count_rows(path))
+    emb_dim = validate.first_list_len(path, ITEM_EMB, schema[ITEM_EMB])
+    frame = (
+        pl.scan_parquet(path)
+        .select(
+            pl.col(ITEM_ID),
+            steps.as_list(ITEM_TAGS, schema[ITEM_TAGS]),
+            steps.as_list(ITEM_EMB, schema[ITEM_EMB]),
+        )
+        .collect(engine="streaming")
+    )
+    validate.raise_first_bad(path, frame, validate.item_info_checks(emb_dim))
+    assert emb_dim is not None  # a null row 0 embedding failed the checks above
+    tags = steps.fixed_width_matrix(frame[ITEM_TAGS], validate.TAGS_PER_ITEM, np.int32)  # (V, 5)
+    emb = steps.fixed_width_matrix(frame[ITEM_EMB], emb_dim, np.float32)  # (V, D)
+    out.mkdir(parents=True)
+    np.save(out / "item_tags.npy", tags)
+    np.save(out / "item_emb.npy", emb)
+    return {
+        "item_vocab": frame.height,
+        "tag_vocab": steps.tag_vocab(int(tags.max())),
+        "tags_per_item": validate.TAGS_PER_ITEM,
+        "mm_dim": emb_dim,
+    }
+
+
+def _build_split(
+    path: Path,
+    split: str,
+    schema: pl.Schema,
+    n_rows: int,
+    out: Path,
+    n_items: int,
+    max_len: int,
+    chunk_rows: int,
+    progress: Progress,
+    task: TaskID,
+) -> dict[str, Any]:
+    """Validate and encode one split chunk by chunk into ``out/*.npy``; return its manifest entry."""
+    has_label = split != "test"
+    has_id = split == "test"
+    seq_len = validate.first_list_len(path, ITEM_SEQ, schema[ITEM_SEQ])
+    checks = validate.split_checks(n_items, seq_len, has_label) + (validate.id_checks() if has_id else [])
+    raw_columns = [
+        pl.col(USER_ID),
+        steps.as_list(ITEM_SEQ, schema[ITEM_SEQ]),
+        pl.col(ITEM_ID),
+        pl.col(LIKES_LEVEL),
+        pl.col(VIEWS_LEVEL),
+    ]
+    raw_columns += [pl.col(LABEL)] if has_label else []
+    raw_columns += [pl.col(ID)] if has_id else []
+    encode = steps.split_columns(max_len, has_label, has_id)
+
+    # Preallocated memory maps: each chunk is written at its offset and leaves RAM afterwards.
+    arrays: dict[str, np.memmap] = {
+        ITEM_ID: open_array(out / "item_id.npy", np.int32, (n_rows,)),
+        "history": open_array(out / "history.npy", np.int32, (n_rows, max_len)),
+        LIKES_LEVEL: open_array(out / "likes_level.npy", np.int8, (n_rows,)),
+        VIEWS_LEVEL: open_array(out / "views_level.npy", np.int8, (n_rows,)),
+        USER_ID: open_array(out / "user_id.npy", np.int64, (n_rows,)),
+    }
+    if has_label:
+        arrays[LABEL] = open_array(out / "label.npy", np.float32, (n_rows,))
+    if has_id:
+        arrays[ID] = open_array(out / "ID.npy", np.int64, (n_rows,))
+
+    start = time.perf_counter()
+    kept_items = 0
+    positives = 0.0
+    for offset, length in row_slices(n_rows, chunk_rows):
+        raw = read_slice(path, raw_columns, offset, length)
+        if raw.height != length:  # the file changed under us, or a reader bug: never write a gap
+            raise QinError(f"{path}: expected {length} rows at row {offset}, read {raw.height}")
+        validate.raise_first_bad(path, raw, checks, offset)
+        encoded = raw.lazy().select(encode).collect()
+        history, lengths = steps.left_pad(encoded["history"], max_len)  # (n, L), (n,)
+        end = offset + length
+        arrays["history"][offset:end] = history
+        for name in arrays.keys() - {"history"}:
+            arrays[name][offset:end] = encoded[name].to_numpy()
+        kept_items += int(lengths.sum())
+        if has_label:
+            positives += float(encoded[LABEL].sum())
+        progress.advance(task, length)
+    for array in arrays.values():
+        array.flush()
+    del arrays
+    # A plain line per split too: progress bars do not show in logs written to a file.
+    progress.console.print(
+        f"{split}: {n_rows:,} rows, mean history {kept_items / n_rows:.2f} of {max_len} kept "
+        f"(input length {seq_len}), {time.perf_counter() - start:.1f} s"
+    )
+
+    return {
+        "rows": n_rows,
+        "has_label": has_label,
+        "mean_history_len": kept_items / n_rows,  # non-zero items kept per row, after truncation to L
+        "positive_rate": positives / n_rows if has_label else None,
+        "input_seq_len": seq_len,  # S, the stored history length of the input file
+    }
+
+
+def _up_to_date(out_dir: Path, config: dict[str, Any], sources: dict[str, dict[str, Any]]) -> bool:
+    """True when ``out_dir`` is a complete folder built from these exact inputs and config."""
+    try:
+        manifest = read_manifest(out_dir)
+    except QinError:
+        return False
+    old_sources = manifest.get("sources", {})
+    if manifest.get("config") != config or set(old_sources) != set(sources):
+        return False
+    for name, entry in sources.items():
+        old = old_sources[name]
+        if old.get("size") != entry["size"] or old.get("sha256") != entry["sha256"]:
+            return False
+    # A folder someone pruned by hand is not up to date either.
+    expected = [out_dir / "items" / "item_tags.npy", out_dir / "items" / "item_emb.npy"]
+    for split, info in manifest.get("splits", {}).items():
+        names = ["item_id", "history", "likes_level", "views_level", "user_id"]
+        names += ["label"] if info.get("has_label") else []
+        names += ["ID"] if split == "test" else []
+        expected += [out_dir / split / f"{name}.npy" for name in names]
+    return set(manifest.get("splits", {})) == set(SPLITS) and all(path.is_file() for path in expected)
+
+
+def _remove_stale(out_dir: Path) -> None:
+    """Delete ``<out_dir>.tmp-<pid>`` / ``.old-<pid>`` folders of builds that were killed outright.
+
+    A build removes its own temp folder on any Python exception, but not on SIGKILL or a power
+    cut. A folder whose pid is ours (an earlier call) or no longer running is garbage; one of a
+    live process is a concurrent build and is left alone.
+    """
+    if not out_dir.parent.is_dir():
+        return
+    for path in out_dir.parent.glob(f"{out_dir.name}.*-*"):
+        kind, _, pid = path.name.removeprefix(f"{out_dir.name}.").partition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this pid exists."""
+    try:
+        os.kill(pid, 0)  # signal 0: an existence check, sends nothing
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """Refuse to replace a folder that is not a feature folder (a mistyped ``--out data/``)."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file()):
+        raise QinError(f"{out_dir}: exists and is not a feature folder (no {MANIFEST}); not replacing it")
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    """Move the finished temp folder to ``out_dir``, replacing an older build.
+
+    The old folder is renamed aside first and deleted only after the new one is in place, so a
+    failure at any point leaves either the old or the new complete folder.
+    """
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+    try:
+        os.replace(tmp, out_dir)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out_dir)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

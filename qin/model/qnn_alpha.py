@@ -1,0 +1,56 @@
+"""QNN-alpha on QIN's inputs, trained with the Self-Ensemble loss (model.md section 3).
+
+    embeddings -> item vectors -> ASTA -> z0 = [likes ‖ views ‖ v_t ‖ p] -> QNN-alpha tower -> logit
+
+Notation (see qin/model/layers.py): B batch, d_e field width, D = F d_e tower width with F = 8 fields of
+width d_e (likes, views, the 3 parts of v_t, the 3 parts of p), H heads, R rows.
+
+Everything before the tower is QIN's (this class inherits it); only the tower and the loss differ.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qin.batch import Batch
+from qin.model.layers import QNNAlphaTower, batch_labels
+from qin.model.qin import QIN
+
+
+class QNNAlpha(QIN):
+    """ASTA + QNN-alpha tower (mid-activation ReLU on the branch, H heads); SE loss in training."""
+
+    def build_tower(self, width: int) -> nn.Module:
+        cfg = self.cfg
+        return QNNAlphaTower(width, cfg.embedding_dim, cfg.num_layers, cfg.num_row, cfg.num_heads,
+                             cfg.net_dropout, cfg.batch_norm)
+
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Self-Ensemble loss in train mode; plain BCE (single pass) in eval mode.
+
+        Train mode: the embedding/attention part runs ONCE, the tower TWICE (different dropout masks):
+            p1, p2 = sigmoid(logit1), sigmoid(logit2);  pbar = (p1 + p2) / 2
+            loss = BCE(pbar, y) + BCE(p1, sg(pbar)) + BCE(p2, sg(pbar))      (sg = stop-gradient)
+        Computed in log space in float32 (same value as BCE on probabilities, without its log clamp).
+
+        Returns: (loss scalar, logits (B,)); in train mode the logits are logit(pbar), the ensemble's.
+        """
+        labels = batch_labels(batch)  # (B,)
+        z, _ = self.encode(batch)  # (B, D)
+        if not self.training:
+            logits = self.tower(z).squeeze(-1)  # (B,)
+            return F.binary_cross_entropy_with_logits(logits.float(), labels), logits
+        logit1 = self.tower(z).squeeze(-1).float()  # (B,)
+        logit2 = self.tower(z).squeeze(-1).float()  # (B,)
+        # log pbar = log((sigmoid(l1) + sigmoid(l2)) / 2), and log(1 - pbar) likewise with -l.
+        log_pbar = torch.logaddexp(F.logsigmoid(logit1), F.logsigmoid(logit2)) - math.log(2.0)  # (B,)
+        log_1m_pbar = torch.logaddexp(F.logsigmoid(-logit1), F.logsigmoid(-logit2)) - math.log(2.0)  # (B,)
+        ensemble = -(labels * log_pbar + (1 - labels) * log_1m_pbar).mean()
+        soft_target = log_pbar.exp().detach()  # sg(pbar) (B,)
+        distill = (F.binary_cross_entropy_with_logits(logit1, soft_target)
+                   + F.binary_cross_entropy_with_logits(logit2, soft_target))
+        return ensemble + distill, log_pbar - log_1m_pbar  # logit(pbar) (B,)

@@ -1,0 +1,393 @@
+"""The training loop: FuxiCTR 2.3.7's `fit` as QIN ran it (model.md section 5), made resumable.
+
+Per step: forward -> mean BCE + lambda/2 * ||embedding tables||^2 -> backward -> clip grad-norm
+-> Adam step. Per evaluation (once an epoch, or every `eval_steps`): AUC and logloss on the
+whole validation split; an improvement (AUC >= best + min_delta) saves `best.pt`, anything else
+counts towards `patience` and halves the LR (floor `min_lr`) while training goes on from the
+*current* weights, as the reference does. After the loop the best weights are reloaded and the
+validation split is scored once more.
+
+Resuming: `last.pt` (written atomically after every evaluation and every epoch) carries the
+model, optimizer, RNG states and loop counters; the epoch's row order is a pure function of
+(seed, epoch), so a resumed run replays exactly the batches an uninterrupted run would see.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from qin import distributed
+from qin.config import Config, DeviceChoice, Regularization, TrainConfig
+from qin.data import SplitTensors, epoch_order, item_tables_of, iterate_batches, vocab_of
+from qin.errors import QinError
+from qin.features.io import FeatureSet
+from qin.metrics import auc, logloss
+from qin.model import CTRModel, build_model
+from qin.runs import append_jsonl, atomic_write_text, git_commit, load_checkpoint, save_checkpoint
+
+
+@dataclass
+class LoopState:
+    """Everything besides weights that an interrupted run needs to continue exactly."""
+
+    epoch: int = 0  # current epoch (0-based)
+    batch_in_epoch: int = 0  # next batch to run within `epoch`
+    global_step: int = 0
+    best_auc: float = -math.inf
+    best_epoch: int = -1
+    best_step: int = -1
+    bad_evaluations: int = 0  # consecutive evaluations without improvement
+    stopped_early: bool = False
+    finished: bool = False
+    train_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class FitResult:
+    run_dir: Path
+    best_auc: float
+    best_epoch: int
+    best_step: int
+    valid_auc: float  # of the reloaded best weights
+    valid_logloss: float
+    steps: int
+    epochs_run: int
+    stopped_early: bool
+    train_seconds: float
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+
+
+def resolve_device(choice: DeviceChoice) -> torch.device:
+    match choice:
+        case DeviceChoice.auto:
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        case DeviceChoice.cpu:
+            return torch.device("cpu")
+        case DeviceChoice.cuda:
+            if not torch.cuda.is_available():
+                raise QinError("train.device is 'cuda' but no CUDA device is available")
+            return torch.device("cuda", torch.cuda.current_device())
+    raise ValueError(f"unknown device choice {choice!r}")
+
+
+def seed_everything(seed: int) -> None:
+    """Python, NumPy and torch (CPU and CUDA) seeds, cuDNN deterministic, as FuxiCTR does."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def autocast_context(device: torch.device, train_cfg: TrainConfig) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (no loss scaling needed for bf16); a no-op on CPU."""
+    if device.type == "cuda" and train_cfg.bf16:
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def predict_probabilities(model: CTRModel, split: SplitTensors, batch_size: int, device: torch.device,
+                          train_cfg: TrainConfig) -> np.ndarray:
+    """Click probabilities for every row of `split`, in row order: (N,) float64."""
+    was_training = model.training
+    model.eval()
+    chunks = []
+    for batch in iterate_batches(split, batch_size):
+        with autocast_context(device, train_cfg):
+            logits = model(batch.to(device, non_blocking=True))
+        chunks.append(torch.sigmoid(logits.float()).cpu())
+    model.train(was_training)
+    return torch.cat(chunks).double().numpy() if chunks else np.zeros(0)
+
+
+def evaluate(model: CTRModel, split: SplitTensors, device: torch.device, train_cfg: TrainConfig,
+             dist: distributed.Context) -> dict[str, float]:
+    """AUC and logloss over the WHOLE split: with several processes each scores a shard and the
+    probabilities are gathered before the metric (an average of per-shard AUCs is not the AUC)."""
+    if split.label is None:
+        raise QinError("the validation split has no labels: cannot evaluate")
+    shard = split.shard(dist.rank, dist.world_size) if dist.world_size > 1 else split
+    probabilities = predict_probabilities(model, shard, train_cfg.eval_batch_size, device, train_cfg)
+    labels = shard.label.double().numpy()
+    if dist.world_size > 1:
+        probabilities = distributed.gather_interleaved(probabilities, split.rows, dist)
+        labels = split.label.double().numpy()
+    return {"auc": auc(labels, probabilities), "logloss": logloss(labels, probabilities)}
+
+
+def fit(cfg: Config, features: FeatureSet, run_dir: Path, resume: bool = False, progress: bool = True,
+        console: Console | None = None, on_step: Callable[[int], None] | None = None) -> FitResult:
+    """Train `cfg.model` on the features, evaluating on valid; see the module docstring.
+
+    `on_step(global_step)` is called after every optimizer step (tests use it to interrupt a
+    run). With torchrun, every process calls `fit`; rank 0 alone writes files and logs.
+    """
+    console = console or Console()
+    dist = distributed.context()
+    train_cfg = cfg.train
+    run_dir = Path(run_dir)
+    device = distributed.device_for(dist) if dist.world_size > 1 else resolve_device(train_cfg.device)
+    if train_cfg.threads is not None:
+        torch.set_num_threads(train_cfg.threads)
+    seed_everything(train_cfg.seed)
+
+    vocab = vocab_of(features)
+    model = build_model(cfg.model, vocab, item_tables_of(features)).to(device)
+    train_split = SplitTensors.from_arrays(features.split("train"))
+    valid_split = SplitTensors.from_arrays(features.split("valid"))
+    if train_split.label is None:
+        raise QinError(f"{features.dir}: the train split has no labels")
+    if dist.world_size > 1:
+        # Each process takes every W-th row of the globally shuffled order (see _shard_order),
+        # so W processes with batch b/W see together what one process with batch b sees.
+        if train_cfg.batch_size % dist.world_size:
+            raise QinError(f"train.batch_size ({train_cfg.batch_size}) must be divisible by the number "
+                           f"of processes ({dist.world_size})")
+    if device.type == "cuda":
+        # The whole split fits in GPU memory (3.6M x 64 int32 ids ~ 0.9 GB): batches become
+        # on-device gathers with no host-to-device copy per step.
+        train_split = SplitTensors(**{k: None if v is None else v.to(device)
+                                      for k, v in dataclasses.asdict(train_split).items()})
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.learning_rate)
+    state = LoopState()
+    if resume:
+        state = _restore(run_dir / "last.pt", model, optimizer, cfg)
+    elif dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+
+    train_model: torch.nn.Module = distributed.wrap(model, dist, device)
+    step_fn = make_train_step(model, train_model, optimizer, cfg, device)
+    if train_cfg.compile and device.type == "cuda":
+        step_fn = torch.compile(step_fn)
+
+    full_batches, tail_rows = divmod(train_split.rows, train_cfg.batch_size)
+    # A tail smaller than the process count is dropped under DDP (see _shard_order).
+    steps_per_epoch = full_batches + (1 if tail_rows and tail_rows >= dist.world_size else 0)
+    eval_every = train_cfg.eval_steps
+    metrics_path = run_dir / "metrics.jsonl"
+    evaluations = [] if not resume else _read_evaluations(metrics_path)
+
+    bar = _progress_bar(console, enabled=progress and dist.is_main)
+    with bar:
+        task = bar.add_task("train", total=steps_per_epoch, epoch=state.epoch + 1, loss=float("nan"), rate=0.0)
+        while not state.finished and state.epoch < train_cfg.epochs:
+            bar.update(task, completed=state.batch_in_epoch, epoch=state.epoch + 1)
+            loss_sum, loss_rows, window_rows, window_seconds = 0.0, 0, 0, 0.0
+            for batch in _epoch_batches(train_split, train_cfg, state, dist):
+                started = time.perf_counter()
+                batch = batch.to(device, non_blocking=True)
+                loss_value = float(step_fn(batch))  # float() waits for the device: honest timings
+                seconds = time.perf_counter() - started
+                state.train_seconds += seconds
+                state.global_step += 1
+                state.batch_in_epoch += 1
+                loss_sum += loss_value * batch.size
+                loss_rows += batch.size
+                window_rows += batch.size * dist.world_size
+                window_seconds += seconds
+                bar.update(task, advance=1, loss=loss_sum / loss_rows, rate=window_rows / window_seconds)
+                if on_step is not None:
+                    on_step(state.global_step)
+                at_epoch_end = state.batch_in_epoch >= steps_per_epoch
+                at_max_steps = train_cfg.max_steps is not None and state.global_step >= train_cfg.max_steps
+                due = at_epoch_end if eval_every is None else state.global_step % eval_every == 0
+                if due or at_max_steps:
+                    record = _evaluate_and_schedule(model, valid_split, device, cfg, state, optimizer, run_dir,
+                                                    dist, vocab, features, loss_sum / loss_rows,
+                                                    window_rows / window_seconds)
+                    window_rows, window_seconds = 0, 0.0
+                    evaluations.append(record)
+                    if dist.is_main:
+                        append_jsonl(metrics_path, record)
+                        console.log(_format_record(record))
+                    state.finished = state.finished or at_max_steps
+                    if state.finished:
+                        break
+                    if not at_epoch_end:
+                        _save_last(run_dir, model, optimizer, cfg, state, dist)
+            else:  # the epoch ran to its end
+                state.epoch += 1
+                state.batch_in_epoch = 0
+            _save_last(run_dir, model, optimizer, cfg, state, dist)
+        state.finished = True
+        _save_last(run_dir, model, optimizer, cfg, state, dist)
+
+    distributed.barrier(dist)
+    best = load_checkpoint(run_dir / "best.pt")
+    model.load_state_dict(best["model_state"])
+    final = evaluate(model, valid_split, device, train_cfg, dist)
+    result = FitResult(run_dir=run_dir, best_auc=state.best_auc, best_epoch=state.best_epoch,
+                       best_step=state.best_step, valid_auc=final["auc"], valid_logloss=final["logloss"],
+                       steps=state.global_step, epochs_run=state.epoch + (1 if state.batch_in_epoch else 0),
+                       stopped_early=state.stopped_early, train_seconds=state.train_seconds,
+                       evaluations=evaluations)
+    if dist.is_main:
+        summary = _summary(result, cfg, features)
+        atomic_write_text(run_dir / "result.json", json.dumps(summary, indent=2, default=str))
+        append_jsonl(Path(train_cfg.run_root) / "results.jsonl", summary)
+    return result
+
+
+def make_train_step(model: CTRModel, train_model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Config,
+               device: torch.device) -> Callable:
+    """One optimizer step on a batch; returns the loss (data + regularisers) as a 0-dim tensor."""
+    train_cfg = cfg.train
+    embedding_ids = {id(p) for p in model.embedding_parameters()}
+    net_parameters = [p for p in model.parameters() if id(p) not in embedding_ids]
+
+    def step(batch) -> torch.Tensor:
+        model.train()
+        with autocast_context(device, train_cfg):
+            if train_model is model:
+                data_loss, _ = model.loss(batch)
+            else:  # DDP: gradients are averaged through the wrapper's forward
+                data_loss, _ = train_model(batch)
+        loss = data_loss.float()
+        if train_cfg.embedding_regularizer > 0:
+            used = batch if train_cfg.regularization is Regularization.batch else None
+            loss = loss + 0.5 * train_cfg.embedding_regularizer * model.embedding_l2(used)
+        if train_cfg.net_regularizer > 0:
+            loss = loss + 0.5 * train_cfg.net_regularizer * sum(p.pow(2).sum() for p in net_parameters)
+        loss.backward()
+        if train_cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def _epoch_batches(split: SplitTensors, train_cfg: TrainConfig, state: LoopState,
+                   dist: distributed.Context) -> Iterator:
+    order = epoch_order(split.rows, train_cfg.seed, state.epoch).to(split.item_id.device)
+    batch_size = train_cfg.batch_size
+    if dist.world_size > 1:
+        order, batch_size = _shard_order(order, batch_size, dist)
+    return iterate_batches(split, batch_size, order, start_batch=state.batch_in_epoch)
+
+
+def _shard_order(order: torch.Tensor, batch_size: int, dist: distributed.Context) -> tuple[torch.Tensor, int]:
+    """This rank's rows and batch size: within every global batch of `batch_size` rows, every W-th.
+
+    Global batch k of a single process is order[k*b:(k+1)*b]; rank r takes its positions r, r+W,
+    ..., so at step k the W ranks together see exactly that global batch. A last, smaller batch
+    is split the same way; when it has fewer rows than processes it is dropped, because a rank
+    with no batch would leave the others waiting in the gradient all-reduce.
+    """
+    world, rank = dist.world_size, dist.rank
+    full = order.numel() // batch_size
+    head = order[: full * batch_size].view(full, batch_size)[:, rank::world].reshape(-1)  # (full*b/W,)
+    tail = order[full * batch_size :]
+    tail = tail[rank::world] if tail.numel() >= world else tail[:0]
+    return torch.cat([head, tail]), batch_size // world
+
+
+def _evaluate_and_schedule(model: CTRModel, valid_split: SplitTensors, device: torch.device, cfg: Config,
+                           state: LoopState, optimizer: torch.optim.Optimizer, run_dir: Path,
+                           dist: distributed.Context, vocab, features: FeatureSet, train_loss: float,
+                           samples_per_second: float) -> dict[str, Any]:
+    """Evaluate; save best or decay the LR; decide early stopping (FuxiCTR checkpoint_and_earlystop)."""
+    train_cfg = cfg.train
+    metrics = evaluate(model, valid_split, device, train_cfg, dist)
+    lr_used = optimizer.param_groups[0]["lr"]
+    improved = metrics["auc"] >= state.best_auc + train_cfg.min_delta
+    if improved:
+        state.best_auc, state.best_epoch, state.best_step = metrics["auc"], state.epoch + 1, state.global_step
+        state.bad_evaluations = 0
+        if dist.is_main:
+            save_checkpoint(run_dir / "best.pt", {
+                "config": cfg.to_dict(), "vocab": dataclasses.asdict(vocab), "model_state": model.state_dict(),
+                "epoch": state.epoch + 1, "step": state.global_step, "valid_auc": metrics["auc"],
+                "valid_logloss": metrics["logloss"], "feature_dir": str(features.dir),
+                "git_commit": git_commit(),
+            })
+    else:
+        state.bad_evaluations += 1
+        for group in optimizer.param_groups:
+            group["lr"] = max(group["lr"] * train_cfg.lr_decay_factor, train_cfg.min_lr)
+        if state.bad_evaluations >= train_cfg.patience:
+            state.stopped_early = True
+            state.finished = True
+    return {"epoch": state.epoch + 1, "step": state.global_step, "lr": lr_used, "train_loss": train_loss,
+            "valid_auc": metrics["auc"], "valid_logloss": metrics["logloss"], "improved": improved,
+            "best_auc": state.best_auc, "samples_per_second": samples_per_second}
+
+
+def _save_last(run_dir: Path, model: CTRModel, optimizer: torch.optim.Optimizer, cfg: Config, state: LoopState,
+               dist: distributed.Context) -> None:
+    if not dist.is_main:
+        return
+    save_checkpoint(run_dir / "last.pt", {
+        "config": cfg.to_dict(), "model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),
+        "loop_state": dataclasses.asdict(state), "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "numpy_rng": np.random.get_state(), "python_rng": random.getstate(),
+    })
+
+
+def _restore(path: Path, model: CTRModel, optimizer: torch.optim.Optimizer, cfg: Config) -> LoopState:
+    if not path.is_file():
+        raise QinError(f"cannot resume: {path} not found (was this run started?)")
+    saved = load_checkpoint(path)
+    if saved["config"] != cfg.to_dict():
+        raise QinError(f"cannot resume {path.parent}: the config differs from the one it was started with "
+                       f"(see {path.parent / 'config.yaml'})")
+    model.load_state_dict(saved["model_state"])
+    optimizer.load_state_dict(saved["optimizer_state"])
+    torch.set_rng_state(saved["torch_rng"])
+    if saved["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["cuda_rng"])
+    np.random.set_state(saved["numpy_rng"])
+    random.setstate(saved["python_rng"])
+    return LoopState(**saved["loop_state"])
+
+
+def _read_evaluations(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _format_record(record: dict[str, Any]) -> str:
+    mark = "[green]improved[/green]" if record["improved"] else "[yellow]no improvement[/yellow]"
+    return (f"epoch {record['epoch']} step {record['step']}: train loss {record['train_loss']:.4f}  "
+            f"valid AUC {record['valid_auc']:.5f}  logloss {record['valid_logloss']:.4f}  "
+            f"lr {record['lr']:.2e}  {mark}")
+
+
+def _progress_bar(console: Console, enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[rate]:,.0f} samples/s"),
+        TimeElapsedColumn(), console=console, disable=not enabled, transient=False,
+    )
+
+
+def _summary(result: FitResult, cfg: Config, features: FeatureSet) -> dict[str, Any]:
+    return {
+        "run_dir": str(result.run_dir), "model": cfg.model.name.value, "valid_auc": result.valid_auc,
+        "valid_logloss": result.valid_logloss, "best_epoch": result.best_epoch, "best_step": result.best_step,
+        "steps": result.steps, "epochs_run": result.epochs_run, "stopped_early": result.stopped_early,
+        "train_seconds": round(result.train_seconds, 2), "feature_dir": str(features.dir),
+        "config": cfg.to_dict(), "git_commit": git_commit(),
+    }

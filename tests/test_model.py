@@ -1,0 +1,386 @@
+"""Models: parameter counts, masking invariance, fast path == per-slot path, golden cases, overfitting."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qin.batch import Batch, ItemTables
+from qin.config import ModelConfig, ModelName
+from qin.model import (
+    DIN,
+    QIN,
+    QINMLP,
+    QINNoASTA,
+    QINNoPReLU,
+    QINSoftmax,
+    QNNAlpha,
+    Vocab,
+    build_model,
+)
+from qin.model.layers import (
+    Activation,
+    QNNAlphaLayer,
+    QuadraticLayer,
+    SoftmaxTargetAttention,
+    TargetAttention,
+)
+
+VOCAB = Vocab(items=40, tags=12, levels=11)
+ALL_MODELS = list(ModelName)
+ATTENTION_MODELS = [ModelName.qin, ModelName.qin_softmax, ModelName.qnn_alpha, ModelName.din]
+
+
+def make_items(seed: int = 0, vocab: Vocab = VOCAB, mm_dim: int = 16) -> ItemTables:
+    """Item tables like item_info: row 0 is the padding item, items have 1..5 tags (0-padded)."""
+    gen = torch.Generator().manual_seed(seed)
+    tags = torch.randint(1, vocab.tags, (vocab.items, 5), generator=gen)
+    num_tags = torch.randint(1, 6, (vocab.items, 1), generator=gen)
+    tags = tags * (torch.arange(5) < num_tags)
+    tags[0] = 0
+    mm_emb = torch.randn(vocab.items, mm_dim, generator=gen)
+    mm_emb[0] = 0.0
+    return ItemTables(tags=tags, mm_emb=mm_emb)
+
+
+def make_batch(seed: int = 0, rows: int = 16, slots: int = 10, vocab: Vocab = VOCAB) -> Batch:
+    """Left-padded histories of every length from 0 to `slots`, with repeated items across rows."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.arange(rows) % (slots + 1)  # row 0 has an empty history, row `slots` a full one
+    history = torch.randint(1, vocab.items, (rows, slots), generator=gen)
+    history = history * (torch.arange(slots) >= slots - lengths.unsqueeze(1))  # padding on the left
+    return Batch(
+        target_item=torch.randint(1, vocab.items, (rows,), generator=gen),
+        history=history,
+        likes_level=torch.randint(1, vocab.levels, (rows,), generator=gen),
+        views_level=torch.randint(1, vocab.levels, (rows,), generator=gen),
+        label=torch.randint(0, 2, (rows,), generator=gen).float(),
+    )
+
+
+def assert_grads_close(actual: torch.Tensor, expected: torch.Tensor, tolerance: float = 1e-5) -> None:
+    """Equal up to float summation order: elementwise within `tolerance` x the tensor's largest entry (plus
+    1e-6 for gradients that are zero in exact arithmetic, e.g. a bias followed by BatchNorm)."""
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=0, atol=tolerance * scale + 1e-6)
+
+
+def tiny_cfg(name: ModelName, **changes) -> ModelConfig:
+    base = ModelConfig(name=name, embedding_dim=8, num_layers=2, num_row=2, num_heads=2 if name ==
+                       ModelName.qnn_alpha else 1, mlp_hidden=[16, 8], din_attention_hidden=[16, 8])
+    return dataclasses.replace(base, **changes)
+
+
+def tiny_model(name: ModelName, seed: int = 0, **changes):
+    torch.manual_seed(seed)
+    return build_model(tiny_cfg(name, **changes), VOCAB, make_items(seed))
+
+
+# --- size and structure ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("num_row", "expected"), [(4, 31_244_293), (3, 27_045_893)])
+def test_reference_parameter_count(num_row: int, expected: int) -> None:
+    vocab = Vocab(91718, 11740, 11)
+    tags = torch.zeros(vocab.items, 5, dtype=torch.long)
+    items = ItemTables(tags=tags, mm_emb=torch.zeros(vocab.items, 128))
+    model = build_model(ModelConfig(num_row=num_row), vocab, items)
+    assert sum(p.numel() for p in model.parameters()) == expected
+    # Item tables are input data: buffers that move with .to(), never parameters or checkpoint content.
+    assert {"embedding.items.tags", "embedding.items.mm_emb"} <= dict(model.named_buffers()).keys()
+    assert not {"embedding.items.tags", "embedding.items.mm_emb"} & model.state_dict().keys()
+
+
+def test_tower_widths_with_reference_dims() -> None:
+    items = make_items(mm_dim=128)
+    qin = build_model(ModelConfig(), VOCAB, items)
+    no_asta = build_model(ModelConfig(name=ModelName.qin_no_asta), VOCAB, items)
+    assert qin.tower.layers[0].linear.in_features == 1024
+    assert qin.attention.w_q.out_features == 768
+    assert no_asta.tower.layers[0].linear.in_features == 640
+    din = build_model(ModelConfig(name=ModelName.din, embedding_dim=64), VOCAB, items)
+    assert din.dnn.net[0].in_features == 640  # 2 x 64 + 256 + 256, as in the challenge's DIN baseline
+
+
+def test_build_model_covers_every_name() -> None:
+    expected = {ModelName.qin: QIN, ModelName.qin_softmax: QINSoftmax, ModelName.qin_no_asta: QINNoASTA,
+                ModelName.qin_mlp: QINMLP, ModelName.qin_no_prelu: QINNoPReLU, ModelName.qnn_alpha: QNNAlpha,
+                ModelName.din: DIN}
+    assert set(expected) == set(ModelName)
+    batch = make_batch()
+    for name, cls in expected.items():
+        model = tiny_model(name)
+        assert type(model) is cls
+        assert model(batch).shape == (batch.size,)
+    with pytest.raises(ValueError, match="unknown model name"):
+        build_model(dataclasses.replace(tiny_cfg(ModelName.qin), name="qin_typo"), VOCAB, make_items())
+
+
+def test_init_follows_fuxictr() -> None:
+    model = tiny_model(ModelName.qin)
+    table = model.embedding.items.item_id.weight
+    assert torch.all(table[0] == 0) and 0.5e-4 < table[1:].std().item() < 1.5e-4
+    assert torch.all(model.tower.layers[0].linear.bias == 0)
+    assert model.tower.layers[0].activation.weight.item() == pytest.approx(0.25)
+
+
+def test_item_tables_are_checked() -> None:
+    items = make_items()
+    with pytest.raises(Exception, match="vocabulary says"):
+        build_model(tiny_cfg(ModelName.qin), Vocab(41, 12, 11), items)
+    with pytest.raises(Exception, match="tag ids"):
+        build_model(tiny_cfg(ModelName.qin), Vocab(40, 5, 11), items)
+
+
+# --- golden tiny cases -------------------------------------------------------------------------------------
+
+
+def _set(linear: torch.nn.Linear, weight: list[list[float]]) -> None:
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor(weight))
+
+
+def test_asta_hand_computed() -> None:
+    attention = TargetAttention(item_dim=2, attention_dim=2)
+    _set(attention.w_q, [[1, 0], [0, 1]])
+    _set(attention.w_k, [[1, 0], [0, 1]])
+    _set(attention.w_v, [[2, 0], [0, 2]])
+    _set(attention.w_o, [[1, 1], [0, 2]])
+    target = torch.tensor([[1.0, 2.0]])
+    history = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0], [5.0, 5.0]]])
+    mask = torch.tensor([[True, True, True, False]])
+    p, alpha = attention(target, history, mask)
+    # scores q.k / sqrt(A): 1/r2, 2/r2, -3/r2, (masked) -> ReLU -> 1/r2, 2/r2, 0, 0
+    r2 = math.sqrt(2.0)
+    assert alpha[0].tolist() == pytest.approx([1 / r2, 2 / r2, 0.0, 0.0])
+    pooled = [2 * 1 / r2, 2 * 2 / r2]  # sum alpha_i W_v h_i
+    expected = [pooled[0] + pooled[1] + 1.0, 2 * pooled[1] + 2.0]  # W_o pooled + v_t
+    assert p[0].tolist() == pytest.approx(expected)
+    # The unique-items entry point on the same numbers (history rows as a table) agrees.
+    p_unique, alpha_unique = attention.forward_unique(target, history[0], torch.tensor([[0, 1, 2, 3]]), mask)
+    torch.testing.assert_close(p_unique, p)
+    torch.testing.assert_close(alpha_unique, alpha)
+
+
+def test_softmax_asta_hand_computed_and_empty_history() -> None:
+    attention = SoftmaxTargetAttention(item_dim=2, attention_dim=2)
+    for linear in (attention.w_q, attention.w_k, attention.w_v, attention.w_o):
+        _set(linear, [[1, 0], [0, 1]])
+    target = torch.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
+    history = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0], [5.0, 5.0]]] * 2)
+    mask = torch.tensor([[True, True, True, False], [False] * 4])  # row 2: all padding
+    p, alpha = attention(target, history, mask)
+    r2 = math.sqrt(2.0)
+    exps = [math.exp(s / r2) for s in (1.0, 2.0, -3.0)]
+    weights = [e / sum(exps) for e in exps]
+    assert alpha[0].tolist() == pytest.approx(weights + [0.0])
+    assert alpha[1].tolist() == [0.0, 0.0, 0.0, 0.0]
+    assert p[0].tolist() == pytest.approx([weights[0] - weights[2] + 1.0, weights[1] - weights[2] + 2.0])
+    assert p[1].tolist() == [3.0, 4.0]  # nothing to attend to: the residual alone
+    p.sum().backward()
+    assert torch.isfinite(target.grad).all()
+
+
+def test_quadratic_layer_chunks_are_summed() -> None:
+    layer = QuadraticLayer(width=2, num_row=2, dropout=0.0, batch_norm=False, activation=Activation.identity)
+    with torch.no_grad():
+        layer.linear.weight.zero_()
+        layer.linear.bias.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]))  # chunks [1, 2] and [3, 4]
+    assert layer(torch.tensor([[1.0, 10.0]])).tolist() == [[1 * 4 + 1, 10 * 6 + 10]]
+
+
+@pytest.mark.parametrize(("num_row", "num_heads", "expected"), [
+    # z = [10, 20 | 30, 40] (2 fields of E = 2). H = 2: head 1 = [10, 30], head 2 = [20, 40].
+    (1, 2, [10 * 1 + 10, 30 * 2 + 20, 20 * 3 + 30, 40 * 4 + 40]),  # head-major product + field-major z
+    (2, 2, [10 * 4 + 10, 30 * 6 + 20, 20 * 12 + 30, 40 * 14 + 40]),  # g rows (H, R, d) summed over R
+    (1, 1, [10 * 1 + 10, 20 * 2 + 20, 30 * 3 + 30, 40 * 4 + 40]),  # H = 1: aligned
+])
+def test_qnn_alpha_head_slicing_quirk(num_row: int, num_heads: int, expected: list[float]) -> None:
+    layer = QNNAlphaLayer(width=4, field_dim=2, num_row=num_row, num_heads=num_heads, dropout=0.0,
+                          batch_norm=False)
+    with torch.no_grad():
+        layer.linear.weight.zero_()
+        layer.linear.bias.copy_(torch.arange(1.0, 4 * num_row + 1))  # g = ReLU(bias) = 1, 2, 3, ...
+    assert layer(torch.tensor([[10.0, 20.0, 30.0, 40.0]])).tolist() == [expected]
+
+
+# --- invariances and the fast path -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ATTENTION_MODELS)
+@pytest.mark.parametrize("unique_items", [True, False])
+def test_padding_content_does_not_matter(name: ModelName, unique_items: bool) -> None:
+    model = tiny_model(name, unique_items=unique_items).eval()
+    batch = make_batch()
+    before = model(batch)
+    items = model.embedding.items
+    with torch.no_grad():  # put garbage in everything a padded slot reads
+        items.mm_emb[0] = torch.randn(items.mm_emb.shape[1]) * 10
+        items.tags[0] = torch.tensor([1, 2, 3, 0, 5])
+        items.item_id.weight[0] = torch.randn(items.item_id.weight.shape[1])
+    torch.testing.assert_close(model(batch), before, rtol=0, atol=0)
+
+
+def test_padding_content_does_not_matter_in_train_mode() -> None:
+    model = tiny_model(ModelName.qin).train()
+    batch = make_batch()
+    torch.manual_seed(3)
+    before = model(batch)
+    with torch.no_grad():
+        model.embedding.items.mm_emb[0] = 7.0
+    torch.manual_seed(3)
+    torch.testing.assert_close(model(batch), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ATTENTION_MODELS)
+def test_history_order_does_not_matter(name: ModelName) -> None:
+    """No positions: permuting slots (padding included) only reorders the sums."""
+    model = tiny_model(name).eval()
+    batch = make_batch()
+    shuffled = torch.stack([row[torch.randperm(row.numel())] for row in batch.history])
+    permuted = dataclasses.replace(batch, history=shuffled)
+    torch.testing.assert_close(model(permuted), model(batch), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_fast_path_equals_per_slot_path(name: ModelName) -> None:
+    fast = tiny_model(name, unique_items=True)
+    slow = build_model(tiny_cfg(name, unique_items=False), VOCAB, make_items(0))
+    slow.load_state_dict(fast.state_dict())
+    batch = make_batch()
+    logits = []
+    for model in (fast, slow):  # train mode: BN batch statistics and dropout (same seed) included
+        model.train()
+        torch.manual_seed(7)
+        loss, model_logits = model.loss(batch)
+        (loss + 1e-2 * model.embedding_l2(None)).backward()
+        logits.append(model_logits)
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-5, atol=1e-5)
+    slow_grads = dict(slow.named_parameters())
+    for key, param in fast.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), key
+        assert_grads_close(param.grad, slow_grads[key].grad)
+    fast.eval(), slow.eval()
+    torch.testing.assert_close(fast(batch), slow(batch), rtol=1e-5, atol=1e-5)
+    weights = fast.attention_weights(batch)
+    if weights is not None:
+        torch.testing.assert_close(weights, slow.attention_weights(batch), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_attention_weights(name: ModelName) -> None:
+    model = tiny_model(name).eval()
+    batch = make_batch()
+    weights = model.attention_weights(batch)
+    if name == ModelName.qin_no_asta:
+        assert weights is None
+        return
+    assert weights.shape == batch.history.shape
+    assert torch.all(weights[batch.history == 0] == 0)
+    if name != ModelName.din:  # ASTA weights are >= 0; DIN's MLP scores may be negative
+        assert torch.all(weights >= 0)
+
+
+# --- determinism, losses, regularisation -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_determinism(name: ModelName) -> None:
+    model = tiny_model(name)
+    batch = make_batch()
+    model.eval()
+    assert torch.equal(model(batch), model(batch))
+    model.train()
+    torch.manual_seed(11)
+    first = model(batch)
+    torch.manual_seed(11)
+    assert torch.equal(model(batch), first)
+
+
+def test_qnn_alpha_self_ensemble_loss_matches_formula() -> None:
+    model = tiny_model(ModelName.qnn_alpha, net_dropout=0.3).train()
+    batch = make_batch()
+    torch.manual_seed(5)
+    loss, logits = model.loss(batch)
+    loss.backward()
+    grads = {key: p.grad.clone() for key, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+
+    torch.manual_seed(5)  # same dropout masks: encode() draws no random numbers, then tower, tower
+    z, _ = model.encode(batch)
+    p1 = torch.sigmoid(model.tower(z).squeeze(-1))
+    p2 = torch.sigmoid(model.tower(z).squeeze(-1))
+    assert not torch.allclose(p1, p2)  # two different dropout sub-networks
+    p_bar = (p1 + p2) / 2
+    expected = (F.binary_cross_entropy(p_bar, batch.label) + F.binary_cross_entropy(p1, p_bar.detach())
+                + F.binary_cross_entropy(p2, p_bar.detach()))
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.sigmoid(logits), p_bar, rtol=1e-5, atol=1e-6)
+    expected.backward()
+    for key, param in model.named_parameters():
+        if key in grads:
+            assert_grads_close(grads[key], param.grad)
+
+    model.eval()  # inference: one pass, plain BCE
+    loss, logits = model.loss(batch)
+    torch.testing.assert_close(logits, model(batch))
+    torch.testing.assert_close(loss, F.binary_cross_entropy_with_logits(logits, batch.label))
+
+
+def test_default_loss_is_bce_with_logits() -> None:
+    model = tiny_model(ModelName.qin).eval()
+    batch = make_batch()
+    loss, logits = model.loss(batch)
+    torch.testing.assert_close(loss, F.binary_cross_entropy_with_logits(model(batch), batch.label))
+    with pytest.raises(ValueError, match="labels"):
+        model.loss(dataclasses.replace(batch, label=None))
+
+
+@pytest.mark.parametrize("name", [ModelName.qin, ModelName.din])
+def test_embedding_l2(name: ModelName) -> None:
+    model = tiny_model(name)
+    params = model.embedding_parameters()
+    assert len(params) == 5 and any(p is model.embedding.items.mm_proj.weight for p in params)  # W_mm
+    full = model.embedding_l2(None)
+    torch.testing.assert_close(full, sum(p.pow(2).sum() for p in params))
+    batch = make_batch()
+    items = model.embedding.items
+    item_ids = torch.cat([batch.target_item, batch.history.flatten()]).unique()
+    tag_ids = items.tags[item_ids].unique()
+    expected = (model.embedding.likes.weight[batch.likes_level.unique()].pow(2).sum()
+                + model.embedding.views.weight[batch.views_level.unique()].pow(2).sum()
+                + items.item_id.weight[item_ids].pow(2).sum() + items.item_tags.weight[tag_ids].pow(2).sum()
+                + items.mm_proj.weight.pow(2).sum())
+    torch.testing.assert_close(model.embedding_l2(batch), expected)
+    assert model.embedding_l2(batch) <= full
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_bf16_autocast_runs(name: ModelName) -> None:
+    """CPU autocast stands in for CUDA autocast here: no dtype assumption may break under bf16."""
+    model = tiny_model(name).train()
+    batch = make_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, logits = model.loss(batch)
+    assert loss.dtype == torch.float32 and logits.shape == (batch.size,)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters()
+                                        if p.grad is not None)
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_overfits_one_batch(name: ModelName) -> None:
+    model = tiny_model(name, net_dropout=0.0, din_attention_dropout=0.0).train()
+    batch = make_batch(rows=32)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(200):
+        loss, _ = model.loss(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    final = F.binary_cross_entropy_with_logits(model(batch), batch.label).item()
+    assert final < 0.05, final

@@ -1,0 +1,257 @@
+"""Tests of the demo data generator (qin.synth) on the `tiny` size: schema, determinism, truth and metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from qin.errors import QinError
+from qin.synth import SIZES, SynthResult, SynthSize, expected_auc, synthesize
+
+TINY = SIZES[SynthSize.tiny]
+S = TINY.seq_len
+I64, F64, F32 = pa.int64(), pa.float64(), pa.float32()
+ROW_SCHEMA = [("user_id", I64), ("item_seq", pa.list_(I64)), ("item_id", I64), ("likes_level", I64),
+              ("views_level", I64)]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> SynthResult:
+    return synthesize(tmp_path_factory.mktemp("synth") / "data", SynthSize.tiny, seed=0, progress=False)
+
+
+def _schema(path: Path) -> list[tuple[str, pa.DataType]]:
+    return [(f.name, f.type) for f in pq.read_schema(path)]
+
+
+def _list_lengths(col: pa.ChunkedArray) -> np.ndarray:
+    return np.asarray(col.combine_chunks().value_lengths())
+
+
+def test_file_layout(tiny: SynthResult) -> None:
+    d = tiny.data_dir
+    for rel in ["MicroLens_1M_x1/train.parquet", "MicroLens_1M_x1/valid.parquet",
+                "MicroLens_1M_x1/test.parquet", "MicroLens_1M_x1/item_info.parquet", "item_feature.parquet",
+                "item_emb.parquet", "item_seq.parquet", "hidden/valid_truth.parquet",
+                "hidden/test_truth.parquet", "hidden/meta.json"]:
+        assert (d / rel).is_file(), rel
+    assert tiny.hidden_dir == d / "hidden"
+    # Nothing temporary is left next to the output.
+    assert not [p for p in d.parent.iterdir() if p.name.startswith(".data.tmp-")]
+
+
+@pytest.mark.parametrize("split, rows", [("train", TINY.train_rows), ("valid", TINY.valid_rows)])
+def test_train_valid_schema(tiny: SynthResult, split: str, rows: int) -> None:
+    path = tiny.data_dir / "MicroLens_1M_x1" / f"{split}.parquet"
+    assert _schema(path) == ROW_SCHEMA + [("label", F64)]
+    t = pq.read_table(path)
+    assert t.num_rows == rows
+    assert (_list_lengths(t["item_seq"]) == S).all()
+    label = t["label"].to_numpy()
+    assert set(np.unique(label)) <= {0.0, 1.0}
+    for col in ("likes_level", "views_level"):
+        v = t[col].to_numpy()
+        assert v.min() >= 0 and v.max() <= 9
+    items = t["item_id"].to_numpy()
+    assert items.min() >= 1 and items.max() <= TINY.n_items
+    assert t["user_id"].to_numpy().min() >= 1
+
+
+def test_item_seq_left_padded(tiny: SynthResult) -> None:
+    t = pq.read_table(tiny.data_dir / "MicroLens_1M_x1" / "train.parquet", columns=["item_seq"])
+    seq = np.asarray(t["item_seq"].combine_chunks().values).reshape(-1, S)  # (n, S)
+    nonzero = seq > 0
+    assert nonzero.any(axis=1).all(), "every row has at least one history item"
+    assert nonzero[:, -1].all(), "most recent item is last"
+    # Once a slot is non-zero, every later slot is too (zeros only on the left).
+    assert (np.diff(nonzero.astype(np.int8), axis=1) >= 0).all()
+    assert seq.max() <= TINY.n_items
+
+
+def test_test_split_has_id_and_no_label(tiny: SynthResult) -> None:
+    path = tiny.data_dir / "MicroLens_1M_x1" / "test.parquet"
+    assert _schema(path) == [("ID", I64)] + ROW_SCHEMA
+    ids = pq.read_table(path, columns=["ID"])["ID"].to_numpy()
+    np.testing.assert_array_equal(ids, np.arange(TINY.test_rows))
+
+
+def test_splits_have_disjoint_users(tiny: SynthResult) -> None:
+    d = tiny.data_dir / "MicroLens_1M_x1"
+    users = [set(pq.read_table(d / f"{s}.parquet", columns=["user_id"])["user_id"].to_pylist())
+             for s in ("train", "valid", "test")]
+    assert not users[0] & users[1] and not users[0] & users[2] and not users[1] & users[2]
+    # About 4 rows per user.
+    assert 3.5 <= TINY.train_rows / len(users[0]) <= 4.0
+
+
+def test_item_info(tiny: SynthResult) -> None:
+    path = tiny.data_dir / "MicroLens_1M_x1" / "item_info.parquet"
+    assert _schema(path) == [("item_id", I64), ("item_tags", pa.list_(I64)), ("item_emb_d128", pa.list_(F64))]
+    t = pq.read_table(path)
+    n = TINY.n_items
+    np.testing.assert_array_equal(t["item_id"].to_numpy(), np.arange(n + 1))
+    assert (_list_lengths(t["item_tags"]) == 5).all() and (_list_lengths(t["item_emb_d128"]) == 128).all()
+    tags = np.asarray(t["item_tags"].combine_chunks().values).reshape(n + 1, 5)
+    emb = np.asarray(t["item_emb_d128"].combine_chunks().values).reshape(n + 1, 128)
+    assert (tags[0] == 0).all() and (emb[0] == 0).all()
+    assert (tags[1:, 0] > 0).all(), "every item has at least one tag"
+    # Zero padding on the right only, and tag ids within the vocabulary.
+    assert (np.diff((tags[1:] > 0).astype(np.int8), axis=1) <= 0).all()
+    assert tags.max() <= TINY.n_tags
+    assert np.abs(emb[1:]).sum(axis=1).min() > 0
+
+
+def test_item_feature_matches_item_info(tiny: SynthResult) -> None:
+    path = tiny.data_dir / "item_feature.parquet"
+    assert _schema(path) == [("item_id", I64), ("item_title", pa.string()), ("item_tags", pa.list_(I64)),
+                             ("likes_level", I64), ("views_level", I64), ("txt_emb_BERT", pa.list_(F32)),
+                             ("img_emb_CLIPRN50", pa.list_(F32))]
+    t = pq.read_table(path)
+    n = TINY.n_items
+    np.testing.assert_array_equal(t["item_id"].to_numpy(), np.arange(1, n + 1))
+    assert (_list_lengths(t["txt_emb_BERT"]) == 768).all()
+    assert (_list_lengths(t["img_emb_CLIPRN50"]) == 1024).all()
+    n_tags = _list_lengths(t["item_tags"])
+    assert n_tags.min() >= 1 and n_tags.max() <= 5
+    info = pq.read_table(tiny.data_dir / "MicroLens_1M_x1" / "item_info.parquet", columns=["item_tags"])
+    padded = np.asarray(info["item_tags"].combine_chunks().values).reshape(n + 1, 5)[1:]
+    np.testing.assert_array_equal((padded > 0).sum(axis=1), n_tags)
+    np.testing.assert_array_equal(padded[padded > 0], np.asarray(t["item_tags"].combine_chunks().values))
+    titles = t["item_title"].to_pylist()
+    n_empty = sum(1 for s in titles if s == "")
+    assert n_empty == tiny.meta["n_empty_titles"] and 0 < n_empty < 0.05 * n
+    assert all(s.split()[-1].startswith("#") for s in titles if s)
+    # Rows' levels are their target item's levels.
+    rows = pq.read_table(tiny.data_dir / "MicroLens_1M_x1" / "train.parquet",
+                         columns=["item_id", "likes_level", "views_level"])
+    likes = np.r_[0, t["likes_level"].to_numpy()]
+    np.testing.assert_array_equal(likes[rows["item_id"].to_numpy()], rows["likes_level"].to_numpy())
+
+
+def test_item_emb_and_item_seq(tiny: SynthResult) -> None:
+    path = tiny.data_dir / "item_emb.parquet"
+    names = ["item_emb_d128_v1", "item_emb_d128_v2", "item_emb_d128_v3", "item_emb_d128_e4"]
+    assert _schema(path) == [("item_id", I64)] + [(c, pa.list_(F32)) for c in names]
+    t = pq.read_table(path)
+    assert t.num_rows == TINY.n_items and all((_list_lengths(t[c]) == 128).all() for c in names)
+
+    path = tiny.data_dir / "item_seq.parquet"
+    assert _schema(path) == [("user_id", I64), ("item_seq", pa.list_(I64))]
+    seq = pq.read_table(path)
+    users = seq["user_id"].to_numpy()
+    assert seq.num_rows == tiny.meta["rows"]["item_seq"] > np.unique(users).size  # several rows per user
+    lengths = _list_lengths(seq["item_seq"])
+    assert lengths.min() >= 1 and lengths.max() <= S
+    assert (np.asarray(seq["item_seq"].combine_chunks().values) > 0).all()
+
+
+def test_images(tiny: SynthResult) -> None:
+    from PIL import Image
+
+    files = sorted((tiny.data_dir / "item_images").glob("*.jpg"))
+    missing = tiny.meta["n_missing_images"]
+    assert 0 < missing < 0.05 * TINY.n_items
+    assert len(files) == TINY.n_items - missing
+    ids = {int(p.stem) for p in files}
+    assert ids <= set(range(1, TINY.n_items + 1))
+    with Image.open(files[0]) as im:
+        assert im.size == (32, 32) and im.mode == "RGB"
+
+
+def test_meta_aucs_match_truth(tiny: SynthResult) -> None:
+    meta = json.loads((tiny.hidden_dir / "meta.json").read_text())
+    assert meta == json.loads(json.dumps(tiny.meta))
+    d = tiny.data_dir / "MicroLens_1M_x1"
+    truth = pq.read_table(tiny.hidden_dir / "test_truth.parquet")
+    assert _schema(tiny.hidden_dir / "test_truth.parquet") == [("ID", I64), ("label", F64), ("p_true", F64)]
+    np.testing.assert_array_equal(truth["ID"].to_numpy(), np.arange(TINY.test_rows))
+    y, p = truth["label"].to_numpy(), truth["p_true"].to_numpy()
+    assert meta["auc"]["oracle_test"] == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+    assert meta["auc"]["expected_oracle_test"] == pytest.approx(expected_auc(p), abs=1e-12)
+
+    vt = pq.read_table(tiny.hidden_dir / "valid_truth.parquet")
+    assert _schema(tiny.hidden_dir / "valid_truth.parquet") == [("row", I64), ("p_true", F64)]
+    valid = pq.read_table(d / "valid.parquet", columns=["label", "item_id"])
+    yv, pv = valid["label"].to_numpy(), vt["p_true"].to_numpy()
+    np.testing.assert_array_equal(vt["row"].to_numpy(), np.arange(TINY.valid_rows))
+    assert meta["auc"]["oracle_valid"] == pytest.approx(roc_auc_score(yv, pv), abs=1e-12)
+
+    # Popularity alone: the hidden item latents hold log popularity.
+    latent = pq.read_table(tiny.hidden_dir / "item_latent.parquet", columns=["item_id", "log_pop"])
+    log_pop = np.r_[-np.inf, latent["log_pop"].to_numpy()]
+    assert meta["auc"]["popularity_valid"] == pytest.approx(
+        roc_auc_score(yv, log_pop[valid["item_id"].to_numpy()]), abs=1e-12)
+    # The oracle is a ceiling: well above popularity, and p_true is a probability.
+    assert meta["auc"]["oracle_test"] > meta["auc"]["popularity_test"] + 0.1
+    assert 0 < p.min() and p.max() < 1
+
+
+def test_label_rate(tiny: SynthResult) -> None:
+    path = tiny.data_dir / "MicroLens_1M_x1" / "train.parquet"
+    y = pq.read_table(path, columns=["label"])["label"].to_numpy()
+    assert abs(y.mean() - 0.25) <= 0.02
+    assert tiny.meta["mean_p_true"]["train"] == pytest.approx(0.25, abs=0.005)
+
+
+def _brute_force_auc(p: np.ndarray) -> float:
+    pi, pj = p[:, None], p[None, :]
+    w = pi * (1 - pj) * (1 - np.eye(p.size))  # pairs i ≠ j
+    win = (pi > pj) + 0.5 * (pi == pj)
+    return float((w * win).sum() / w.sum())
+
+
+@pytest.mark.parametrize("case", ["continuous", "ties", "extremes"])
+def test_expected_auc_matches_brute_force(case: str) -> None:
+    rng = np.random.default_rng(3)
+    p = {"continuous": rng.random(300),
+         "ties": rng.choice([0.1, 0.3, 0.3001, 0.7, 0.9], size=200),
+         "extremes": np.r_[rng.random(50), [0.0, 0.0, 1.0, 1.0, 0.5]]}[case]
+    assert expected_auc(p) == pytest.approx(_brute_force_auc(p), abs=1e-12)
+    assert expected_auc(np.full(10, 0.4)) == pytest.approx(0.5)
+
+
+def test_deterministic_per_seed(tiny: SynthResult, tmp_path: Path) -> None:
+    again = synthesize(tmp_path / "a", SynthSize.tiny, seed=0, images=False, progress=False)
+    other = synthesize(tmp_path / "b", SynthSize.tiny, seed=1, images=False, progress=False)
+    for rel in ["MicroLens_1M_x1/train.parquet", "MicroLens_1M_x1/test.parquet",
+                "MicroLens_1M_x1/item_info.parquet", "item_feature.parquet", "item_emb.parquet",
+                "item_seq.parquet", "hidden/test_truth.parquet"]:
+        first = pq.read_table(tiny.data_dir / rel)
+        assert first.equals(pq.read_table(again.data_dir / rel)), rel
+        assert not first.equals(pq.read_table(other.data_dir / rel)), rel
+    assert again.meta["auc"] == tiny.meta["auc"]
+    assert not (again.data_dir / "item_images").exists()
+
+
+def test_test_label_const0_and_rerun_replaces(tmp_path: Path) -> None:
+    out = tmp_path / "data"
+    synthesize(out, SynthSize.tiny, seed=0, images=True, progress=False)
+    res = synthesize(out, SynthSize.tiny, seed=0, test_label=True, images=False, progress=False)
+    path = out / "MicroLens_1M_x1" / "test.parquet"
+    assert _schema(path) == [("ID", I64)] + ROW_SCHEMA + [("label", F64)]
+    assert (pq.read_table(path, columns=["label"])["label"].to_numpy() == 0.0).all()
+    assert res.meta["test_label"] == "const0"
+    assert not (out / "item_images").exists(), "outputs of the previous run are replaced as a whole"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_user_errors(tmp_path: Path) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(QinError, match="is a file"):
+        synthesize(a_file, SynthSize.tiny, progress=False)
+    with pytest.raises(QinError, match="is a file"):
+        synthesize(a_file / "sub", SynthSize.tiny, progress=False)
+    real = tmp_path / "real"
+    (real / "MicroLens_1M_x1").mkdir(parents=True)
+    with pytest.raises(QinError, match="not written by"):
+        synthesize(real, SynthSize.tiny, progress=False)
+    with pytest.raises(QinError, match="seed"):
+        synthesize(tmp_path / "x", SynthSize.tiny, seed=-1, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "real"]
