@@ -443,8 +443,11 @@ def test_item_info_override(tmp_path: Path) -> None:
 
     default_dir = feature_dir_for(tmp_path / "features", raw, 5, None)
     alt_dir = feature_dir_for(tmp_path / "features", raw, 5, alt)
-    assert default_dir == tmp_path / "features" / "raw-L5"
-    assert alt_dir.name.startswith("raw-L5-ii") and alt_dir != default_dir
+    assert default_dir.parent == tmp_path / "features"
+    assert default_dir.name.startswith(f"{tmp_path.name}-raw-L5-")
+    assert alt_dir.name.startswith(default_dir.name + "-ii") and alt_dir != default_dir
+    # the same folder name under another parent gets another feature folder
+    assert feature_dir_for(tmp_path / "features", tmp_path / "other" / "raw", 5, None) != default_dir
     assert feature_dir_for(tmp_path / "features", raw, 5, alt) == alt_dir  # deterministic
 
     build(raw, default_dir)

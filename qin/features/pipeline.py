@@ -75,12 +75,16 @@ class BuildResult:
 
 
 def feature_dir_for(features_root: Path, raw_dir: Path, max_len: int, item_info: Path | None) -> Path:
-    """Deterministic feature folder for a raw folder and config, e.g. ``features/MicroLens_1M_x1-L64``.
+    """Deterministic feature folder for a raw folder and config, e.g. ``features/demo-MicroLens_1M_x1-L32-1a2b3c``.
 
     An item_info override adds ``-ii<8 hex>``, a hash of its resolved path and content, so two
     embedding tables built side by side never share (and keep rebuilding) one folder.
     """
-    name = f"{Path(raw_dir).name}-L{max_len}"
+    # The parent folder is part of the name (data/demo vs data/), hashed with the resolved path, so
+    # two data sets with the challenge's folder name never share (and keep rebuilding) one folder.
+    raw_dir = Path(raw_dir)
+    place = hashlib.sha256(str(raw_dir.resolve()).encode()).hexdigest()[:6]
+    name = f"{raw_dir.resolve().parent.name}-{raw_dir.name}-L{max_len}-{place}"
     if item_info is not None:
         item_info = Path(item_info)
         if not item_info.is_file():
