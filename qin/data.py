@@ -88,7 +88,8 @@ def iterate_batches(
     `order` is a permutation of the rows (None = file order); `start_batch` skips the first
     batches, which is how a resumed run continues mid-epoch.
     """
-    for start in range(start_batch * batch_size, split.rows, batch_size):
+    rows = split.rows if order is None else int(order.numel())
+    for start in range(start_batch * batch_size, rows, batch_size):
         if order is None:
             yield split.batch(slice(start, start + batch_size))
         else:
