@@ -200,6 +200,25 @@ def evaluate(
 
 @app.command()
 @_user_errors
+def report(
+    run: RunOption = None,
+    truth: Annotated[Path | None, typer.Option(help="Generator truth (default: <data>/hidden if there).")]
+    = None,
+    features: Annotated[Path | None, typer.Option(help="Feature folder (default: the one trained on).")]
+    = None,
+    out: Annotated[Path | None, typer.Option(help="HTML file (default: <run>/error_analysis.html).")] = None,
+) -> None:
+    """Execute the error-analysis notebook for a run: <run>/error_analysis.{ipynb,html} and <run>/figures/."""
+    from qin.analysis import render_report
+
+    result = render_report(_run_dir_or_latest(run), out_html=out, truth_dir=truth, feature_dir=features)
+    console.print(f"wrote {result.notebook}, {result.html} and {len(result.figures)} figures in "
+                  f"{result.notebook.parent / 'figures'} ({result.seconds:.0f} s)")
+    print(result.html)
+
+
+@app.command()
+@_user_errors
 def embed(
     source: Annotated[str, typer.Option("--from", help="precomputed (organisers' BERT+CLIP vectors) | content.")]
     = "precomputed",

@@ -46,7 +46,7 @@ def load_run(run_dir: Path, feature_dir: Path | None = None, device: str | None 
     run_dir = Path(run_dir)
     checkpoint = load_checkpoint(run_dir / "best.pt" if run_dir.is_dir() else run_dir)
     config = Config.from_dict(checkpoint["config"], source=f"{run_dir} (checkpoint config)")
-    features = load_features(Path(feature_dir) if feature_dir else Path(checkpoint["feature_dir"]))
+    features = load_features(Path(feature_dir) if feature_dir else _trained_feature_dir(checkpoint, config))
     trained_vocab = Vocab(**checkpoint["vocab"])
     if vocab_of(features) != trained_vocab:
         raise QinError(f"{features.dir}: vocabulary {vocab_of(features)} differs from the one the checkpoint "
@@ -56,6 +56,18 @@ def load_run(run_dir: Path, feature_dir: Path | None = None, device: str | None 
     model.load_state_dict(checkpoint["model_state"])
     model.to(chosen).eval()
     return LoadedRun(run_dir if run_dir.is_dir() else run_dir.parent, config, model, features, chosen, checkpoint)
+
+
+def _trained_feature_dir(checkpoint: dict[str, Any], config: Config) -> Path:
+    """The feature folder the run trained on; if it was moved or renamed, the one its config names now."""
+    recorded = Path(checkpoint["feature_dir"])
+    if (recorded / "manifest.json").is_file():
+        return recorded
+    from qin.features.pipeline import feature_dir_for
+
+    data = config.data
+    return feature_dir_for(Path(data.features_root), Path(data.raw_dir), data.max_len,
+                           Path(data.item_info) if data.item_info else None)
 
 
 def score_split(run: LoadedRun, split: str) -> np.ndarray:

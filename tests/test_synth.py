@@ -231,13 +231,17 @@ def test_deterministic_per_seed(tiny: SynthResult, tmp_path: Path) -> None:
 
 def test_test_label_const0_and_rerun_replaces(tmp_path: Path) -> None:
     out = tmp_path / "data"
-    synthesize(out, SynthSize.tiny, seed=0, images=True, progress=False)
+    synthesize(out, SynthSize.tiny, seed=0, images=False, progress=False)
+    (out / "item_images").mkdir()  # as if an earlier run had written images
+    (out / "item_images" / "1.jpg").write_bytes(b"old")
+    (out / "notes.txt").write_text("mine")  # not an output: must survive
     res = synthesize(out, SynthSize.tiny, seed=0, test_label=True, images=False, progress=False)
     path = out / "MicroLens_1M_x1" / "test.parquet"
     assert _schema(path) == [("ID", I64)] + ROW_SCHEMA + [("label", F64)]
     assert (pq.read_table(path, columns=["label"])["label"].to_numpy() == 0.0).all()
     assert res.meta["test_label"] == "const0"
     assert not (out / "item_images").exists(), "outputs of the previous run are replaced as a whole"
+    assert (out / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
 
 
