@@ -61,8 +61,8 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
-def run_measured(argv: list[str], log_path: Path | None = None, nice: int = 0, env: dict[str, str] | None = None,
-                 cwd: Path = ROOT) -> dict[str, Any]:
+def run_measured(argv: list[str], log_path: Path | None = None, nice: int = 0,
+                 env: dict[str, str] | None = None, cwd: Path = ROOT) -> dict[str, Any]:
     """Run argv as a child process; returns its exit code, wall/CPU seconds and peak memory (MiB).
 
     stdout and stderr go to `log_path` (or are inherited). `nice` > 0 lowers the child's priority

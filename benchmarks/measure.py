@@ -4,7 +4,8 @@
     python benchmarks/measure.py train_speed --batch-size 8192 --steps 2 --json OUT.json
     python benchmarks/measure.py predict     --features DIR --json OUT.json
     python benchmarks/measure.py latency     --features DIR --json OUT.json
-    python benchmarks/measure.py fit         --features DIR --config qin.yaml --set train.max_steps=4 --json OUT.json
+    python benchmarks/measure.py fit         --features DIR --config qin.yaml --set train.max_steps=4 \
+        --json OUT.json
 
 Every subcommand writes one JSON object to --json. The reference model is `qin.yaml` (QIN_variety_v9,
 embedding 128, batch 8192); with a feature folder its vocabularies come from the data (31,244,293
@@ -56,7 +57,8 @@ def cmd_synth(args: argparse.Namespace) -> dict[str, Any]:
     spec = SIZES[SynthSize(args.size)]
     return {"size": args.size, "out": str(out), "seconds": round(time.perf_counter() - started, 2),
             "rows": {"train": spec.train_rows, "valid": spec.valid_rows, "test": spec.test_rows},
-            "n_items": spec.n_items, "seq_len": spec.seq_len, "oracle_auc": result.meta.get("oracle_auc"),
+            "n_items": spec.n_items, "seq_len": spec.seq_len,
+            "oracle_valid_auc": result.meta.get("auc", {}).get("oracle_valid"),
             "disk_mib": round(sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 2**20)}
 
 
@@ -80,7 +82,8 @@ def cmd_train_speed(args: argparse.Namespace) -> dict[str, Any]:
             results[path] = ts.time_path(cfg, path == "fast", batches, tables, device, args.warmup)
         print(path, results[path], file=sys.stderr, flush=True)
     record: dict[str, Any] = {
-        "device": device.type, "batch_size": args.batch_size, "steps_timed": args.steps, "warmup_steps": args.warmup,
+        "device": device.type, "batch_size": args.batch_size, "steps_timed": args.steps,
+        "warmup_steps": args.warmup,
         "mean_history_items": float(np.mean([(b.history != 0).sum(1).float().mean() for b in batches])),
         "results": results, "samples_per_second": results[args.paths[0]]["samples_per_second"],
         "seconds_per_step": results[args.paths[0]]["seconds_per_step"],
@@ -160,7 +163,8 @@ def cmd_latency(args: argparse.Namespace) -> dict[str, Any]:
     return {"features": str(features.dir), "device": device.type, "candidates": args.candidates,
             "history_slots": int(requests[0][0].shape[0]), "mean_history_items": history_items,
             "warmup_requests": args.warmup, "timed_requests": args.requests, "parameters": _parameters(model),
-            "p50_ms": round(float(np.percentile(ms, 50)), 3), "p90_ms": round(float(np.percentile(ms, 90)), 3),
+            "p50_ms": round(float(np.percentile(ms, 50)), 3),
+            "p90_ms": round(float(np.percentile(ms, 90)), 3),
             "p99_ms": round(float(np.percentile(ms, 99)), 3), "mean_ms": round(float(ms.mean()), 3),
             "max_ms": round(float(ms.max()), 3), "torch_threads": torch.get_num_threads()}
 
@@ -193,11 +197,13 @@ def cmd_fit(args: argparse.Namespace) -> dict[str, Any]:
         "features": str(features.dir), "model": cfg.model.name.value, "config": args.config,
         "overrides": args.overrides, "parameters": _parameters(model), "batch_size": batch,
         "train_rows": train_rows, "steps_per_epoch": steps_per_epoch, "steps": result.steps,
-        "rows_trained": rows, "epochs_run": result.epochs_run, "train_seconds": round(result.train_seconds, 2),
+        "rows_trained": rows, "epochs_run": result.epochs_run,
+        "train_seconds": round(result.train_seconds, 2),
         "samples_per_second": round(rows / result.train_seconds, 1),
         "step_seconds": [round(float(s), 3) for s in step_seconds],
         "median_step_seconds_after_first": round(float(np.median(step_seconds)), 3),
-        "fit_wall_seconds": round(wall, 2), "valid_auc": result.valid_auc, "valid_logloss": result.valid_logloss,
+        "fit_wall_seconds": round(wall, 2), "valid_auc": result.valid_auc,
+        "valid_logloss": result.valid_logloss,
         "best_epoch": result.best_epoch, "evaluations": evals, "run_dir": str(run_dir),
         "threads": torch.get_num_threads(),
     }
@@ -209,7 +215,8 @@ def cmd_fit(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str) -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""Peer side by side: FuxiCTR's DIN (the organisers' baseline) vs. our DIN and our QIN, same data, same budget.
+"""Peer side by side: FuxiCTR's DIN (the organisers' baseline) vs. our DIN and our QIN, same data and budget.
 
     python benchmarks/peer_fuxictr.py [--size small] [--epochs 2] [--batch-size 8192] [--max-len 32]
 
@@ -120,7 +120,8 @@ def run(size: str, epochs: int, batch_size: int, max_len: int | None, nice: int,
         return {"model": label, "valid_auc": r["valid_auc"], "valid_logloss": r["valid_logloss"],
                 "auc_by_epoch": [e.get("valid_auc", e.get("AUC")) for e in evaluations],
                 "samples_per_second": r["samples_per_second"], "train_seconds": r["train_seconds"],
-                "steps": r["steps"], "parameters": r["parameters"], "peak_rss_mib": r["process"]["peak_rss_mib"],
+                "steps": r["steps"], "parameters": r["parameters"],
+                "peak_rss_mib": r["process"]["peak_rss_mib"],
                 "cpu_seconds": r["process"]["cpu_seconds"], "wall_seconds": r["process"]["wall_seconds"]}
 
     record = {
@@ -131,7 +132,8 @@ def run(size: str, epochs: int, batch_size: int, max_len: int | None, nice: int,
                  row("qin DIN (configs/din.yaml)", ours["din"]), row("qin QIN (qin.yaml)", ours["qin"])],
         "fuxictr_versions": fux["versions"], "details": {"fuxictr_din": fux, "our_din": ours["din"],
                                                          "our_qin": ours["qin"]},
-        "notes": [f"same data (synth {size}, seed 0), {epochs} epoch(s), batch {batch_size}, max_len {max_len} for all",
+        "notes": [f"same data (synth {size}, seed 0), {epochs} epoch(s), batch {batch_size}, "
+                  f"max_len {max_len} for all",
                   "samples/s = training rows / summed optimizer-step time (loading and evaluation excluded)",
                   "our DIN runs with lr_decay_factor 0.1 (FuxiCTR's default, which the organisers' DIN used)",
                   "FuxiCTR DIN feeds raw likes/views levels (0 = its padding index) as the organisers did; "
@@ -146,8 +148,8 @@ def run(size: str, epochs: int, batch_size: int, max_len: int | None, nice: int,
 
 
 def table(record: dict[str, Any]) -> str:
-    lines = [f"Peer on `{record['size']}` ({record['train_rows']:,} train rows, {record['epochs']} epoch(s), batch "
-             f"{record['batch_size']}, max_len {record['max_len']}; oracle valid AUC "
+    lines = [f"Peer on `{record['size']}` ({record['train_rows']:,} train rows, {record['epochs']} epoch(s), "
+             f"batch {record['batch_size']}, max_len {record['max_len']}; oracle valid AUC "
              f"{record['oracle_valid_auc']:.4f})" if record.get("oracle_valid_auc") else "",
              "",
              "| model | valid AUC | AUC by epoch | train samples/s | params | peak RSS MiB |",
@@ -160,7 +162,8 @@ def table(record: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="small", choices=list(SUGGESTED_MAX_LEN))
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8192)

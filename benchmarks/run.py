@@ -13,9 +13,11 @@ Measurements (name -> benchmarks/results/<name>.json):
                         a CPU step takes 30-90 s, so only --train-steps steps are timed (after 1 warm-up step)
     predict_<size>      reference QIN scoring the valid and test splits at the eval batch size 65536: rows/s
     latency_<size>      1 user x 100 candidates through qin.predict.one_request: p50/p99 ms after 20 warm-ups
-    epoch_<size>        `qin train` (qin.train.fit) of the reference configuration at batch 8192 on the preprocessed
-                        features for --epoch-steps steps, step times extrapolated to one epoch (440 steps at full)
-    peer_fuxictr_<size> FuxiCTR DIN vs our DIN vs our QIN on the same data and budget (benchmarks/peer_fuxictr.py)
+    epoch_<size>        `qin train` (qin.train.fit) of the reference configuration at batch 8192 on the
+                        preprocessed features for --epoch-steps steps, step times extrapolated to one
+                        epoch (440 steps at full)
+    peer_fuxictr_<size> FuxiCTR DIN vs our DIN vs our QIN on the same data and budget
+                        (benchmarks/peer_fuxictr.py)
 
 Each measurement's peak memory is its own process tree's (see benchmarks/benchlib.py). summary.json gathers
 every result in the results folder, and the table between `<!-- bench:start -->` and `<!-- bench:end -->` in
@@ -93,7 +95,8 @@ class Runner:
         if not (root / "hidden" / "meta.json").is_file():
             name = f"synth_{size}"
             record = self.child(name, [PY, str(BENCH_DIR / "measure.py"), "synth", "--size", size,
-                                       "--out", str(root), "--json", str(self.results / f".{name}.child.json")])
+                                       "--out", str(root),
+                                       "--json", str(self.results / f".{name}.child.json")])
             if record is None:
                 raise SystemExit(f"could not generate {size} data")
             self.save(name, record)
@@ -143,10 +146,11 @@ class Runner:
     def epoch(self, size: str) -> None:
         name = f"epoch_{size}"
         run_dir = WORK / "runs" / f"bench-epoch-{size}"
-        record = self.measure(name, [PY, str(BENCH_DIR / "measure.py"), "fit", "--features", str(self.features(size)),
-                                     "--run-dir", str(run_dir), "--set", f"train.batch_size={self.args.batch_size}",
-                                     "--set", f"train.max_steps={self.args.epoch_steps}", "--set", "train.epochs=1",
-                                     "--set", f"data.max_len={MAX_LEN[size]}",
+        sets = [f"train.batch_size={self.args.batch_size}", f"train.max_steps={self.args.epoch_steps}",
+                "train.epochs=1", f"data.max_len={MAX_LEN[size]}"]
+        record = self.measure(name, [PY, str(BENCH_DIR / "measure.py"), "fit",
+                                     "--features", str(self.features(size)),
+                                     "--run-dir", str(run_dir), *[x for s in sets for x in ("--set", s)],
                                      "--json", str(self.results / f".{name}.child.json")])
         if record is not None:
             shutil.rmtree(run_dir, ignore_errors=True)  # ~0.5 GB of checkpoints, not needed
@@ -158,7 +162,8 @@ class Runner:
             return
         log(f"{name}: FuxiCTR DIN, our DIN, our QIN, {self.args.peer_epochs} epoch(s) each ...")
         usage = run_measured([PY, str(BENCH_DIR / "peer_fuxictr.py"), "--size", size,
-                              "--epochs", str(self.args.peer_epochs), "--batch-size", str(self.args.peer_batch_size),
+                              "--epochs", str(self.args.peer_epochs),
+                              "--batch-size", str(self.args.peer_batch_size),
                               "--nice", "0", "--results", str(self.results)],
                              log_path=self.logs / f"{name}.log", nice=self.args.nice)
         path = self.results / f"{name}.json"
@@ -200,7 +205,8 @@ def rows_for(name: str, r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     kind = r.get("measurement") or r.get("benchmark") or name.split("_")[0]
     size = name.split("_")[-1]
     if kind == "synth":
-        return [(f"`qin synth --size {r['size']}`", f"{sum(r['rows'].values()):,} rows, {r['n_items']:,} items",
+        return [(f"`qin synth --size {r['size']}`",
+                 f"{sum(r['rows'].values()):,} rows, {r['n_items']:,} items",
                  f"{r['seconds']:,.0f} s, {r['disk_mib']:,} MiB on disk (no images)", _mib(r))]
     if kind == "preprocess":
         rows = r.get("total_rows") or sum(r["rows"].values())
@@ -221,24 +227,29 @@ def rows_for(name: str, r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         return [("training step (challenge-shaped batches)", setting, ", ".join(parts), _mib(r))]
     if kind == "fit":
         setting = (f"`qin train` loop, reference QIN ({r['parameters']:,} params), batch {r['batch_size']}, "
-                   f"{r['steps']} of {r['steps_per_epoch']} steps timed, median {r['median_step_seconds_after_first']:.1f} s/step")
+                   f"{r['steps']} of {r['steps_per_epoch']} steps timed, "
+                   f"median {r['median_step_seconds_after_first']:.1f} s/step")
         result = (f"**{r['extrapolated_epoch_samples_per_second']:,.0f} samples/s**, one epoch ≈ "
                   f"{r['extrapolated_epoch_seconds'] / 60:,.0f} min (extrapolated)")
         return [(f"training on `{size}` features", setting, result, _mib(r))]
     if kind == "predict":
         return [(f"prediction ({size}: valid + test)",
-                 f"reference QIN ({r['parameters']:,} params), eval batch {r['batch_size']}, {r['rows']:,} rows",
+                 f"reference QIN ({r['parameters']:,} params), eval batch {r['batch_size']}, "
+                 f"{r['rows']:,} rows",
                  f"**{r['rows_per_second']:,} rows/s**", _mib(r))]
     if kind == "latency":
         return [(f"one request ({size})",
-                 f"1 user x {r['candidates']} candidates, {r['timed_requests']} timed after {r['warmup_requests']} "
+                 f"1 user x {r['candidates']} candidates, {r['timed_requests']} timed after "
+                 f"{r['warmup_requests']} "
                  f"warm-up, {r['torch_threads']} threads",
-                 f"**p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms** (mean {r['mean_ms']:.0f})", _mib(r))]
+                 f"**p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms** (mean {r['mean_ms']:.0f})",
+                 _mib(r))]
     if kind == "peer_fuxictr":
         out = []
         for row in r["rows"]:
             out.append((f"peer: {row['model']}",
-                        f"{r['size']} ({r['train_rows']:,} rows), {r['epochs']} epoch(s), batch {r['batch_size']}, "
+                        f"{r['size']} ({r['train_rows']:,} rows), {r['epochs']} epoch(s), "
+                        f"batch {r['batch_size']}, "
                         f"max_len {r['max_len']}",
                         f"valid AUC **{row['valid_auc']:.4f}**, {row['samples_per_second']:,.0f} samples/s",
                         f"{row['peak_rss_mib']:,} MiB"))
@@ -272,8 +283,9 @@ def write_summary(results: Path, readme: Path) -> None:
              "| measurement | setting | result | peak memory |",
              "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in table_rows]
+    where = results.relative_to(ROOT) if results.is_relative_to(ROOT) else results
     lines += ["", f"Generated by `python benchmarks/run.py` on {summary['date'][:10]} "
-              f"(results: `{results.relative_to(ROOT) if results.is_relative_to(ROOT) else results}/*.json`).",
+              f"(results: `{where}/*.json`).",
               "", END]
     block = "\n".join(lines)
     text = readme.read_text() if readme.is_file() else f"# Benchmarks\n\n{START}\n{END}\n"
@@ -286,9 +298,9 @@ def write_summary(results: Path, readme: Path) -> None:
 
 
 def _headline(r: dict[str, Any]) -> dict[str, Any]:
-    keys = ("rows_per_second", "samples_per_second", "extrapolated_epoch_seconds", "extrapolated_epoch_samples_per_second",
-            "p50_ms", "p99_ms", "valid_auc", "seconds", "build_seconds", "peak_rss_mib", "peak_anon_rss_mib",
-            "speedup_fast_vs_per_slot", "parameters")
+    keys = ("rows_per_second", "samples_per_second", "extrapolated_epoch_seconds",
+            "extrapolated_epoch_samples_per_second", "p50_ms", "p99_ms", "valid_auc", "seconds",
+            "build_seconds", "peak_rss_mib", "peak_anon_rss_mib", "speedup_fast_vs_per_slot", "parameters")
     out = {k: r[k] for k in keys if k in r}
     if "process" in r:
         out["process"] = r["process"]
@@ -299,7 +311,8 @@ def _headline(r: dict[str, Any]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------- main
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["bench", "full"], choices=list(MAX_LEN))
     parser.add_argument("--serve-size", default=None, help="size for predict/latency (default: bench, or the "
                         "smallest of --sizes)")
@@ -308,9 +321,11 @@ def main() -> None:
                         "benchmarks/results/quick/ (the README is not touched)")
     parser.add_argument("--only", nargs="+", default=None, help="measurement names to (re)run")
     parser.add_argument("--batch-size", type=int, default=8192)
-    parser.add_argument("--train-steps", type=int, default=2, help="timed steps of train_speed (after 1 warm-up)")
+    parser.add_argument("--train-steps", type=int, default=2,
+                        help="timed steps of train_speed (after 1 warm-up)")
     parser.add_argument("--train-paths", nargs="+", default=["fast", "per_slot"])
-    parser.add_argument("--epoch-steps", type=int, default=4, help="steps of the `qin train` loop timed per size")
+    parser.add_argument("--epoch-steps", type=int, default=4,
+                        help="steps of the `qin train` loop timed per size")
     parser.add_argument("--predict-repeats", type=int, default=1)
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--peer-size", default="small")
@@ -325,7 +340,8 @@ def main() -> None:
         args.requests = min(args.requests, 50)
         args.peer_size, args.peer_epochs, args.peer_batch_size = "tiny", 1, 1024
     args.results = (args.results or (RESULTS / "quick" if args.quick else RESULTS)).resolve()
-    serve = args.serve_size or ("bench" if "bench" in args.sizes else min(args.sizes, key=list(MAX_LEN).index))
+    smallest = min(args.sizes, key=list(MAX_LEN).index)
+    serve = args.serve_size or ("bench" if "bench" in args.sizes else smallest)
 
     runner = Runner(args)
     log(f"results -> {args.results}; sizes {args.sizes}; machine {machine()}")

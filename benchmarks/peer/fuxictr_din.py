@@ -6,11 +6,12 @@ Runs in benchmarks/work/fuxictr-venv (created by benchmarks/peer_fuxictr.py), ne
         --max-len 64 --epochs 2 --batch-size 8192 --json OUT.json
 
 What is FuxiCTR's and what is this file's:
-- FuxiCTR (PyPI `fuxictr`, the challenge used 2.3.7): `FeatureProcessor` + `build_dataset(rebuild_dataset=False)`
-  turn the dataset config into `feature_map.json` (as the organisers' run_expid.py did); `FeatureEmbedding`
-  (item id / tag embeddings, tag mean pooling, the 128->128 projection of the frozen multimodal vector),
-  `DIN_Attention`, `MLP_Block`, and the whole training loop `BaseModel.fit` (Adam, BCE, clip-norm 10,
-  evaluate once per epoch, LR x0.1 on plateau, keep the best weights).
+- FuxiCTR (PyPI `fuxictr`, the challenge used 2.3.7): `FeatureProcessor` and
+  `build_dataset(rebuild_dataset=False)` turn the dataset config into `feature_map.json` (as the organisers'
+  run_expid.py did); `FeatureEmbedding` (item id / tag embeddings, tag mean pooling, the 128->128
+  projection of the frozen multimodal vector), `DIN_Attention`, `MLP_Block`, and the whole training loop
+  `BaseModel.fit` (Adam, BCE, clip-norm 10, evaluate once per epoch, LR x0.1 on plateau, keep the best
+  weights).
 - This file: the DIN class (the organisers' `src/DIN.py` is not in the PyPI package; it is re-typed here in
   its few lines: item vectors of [history ..., target] from one embedding call, DIN attention, DNN) and the
   data loader. The organisers' MMCTRDataLoader gathers item_info rows for [item_seq[-max_len:], item_id]
@@ -40,7 +41,6 @@ from fuxictr.pytorch.layers import DIN_Attention, FeatureEmbedding, MLP_Block
 from fuxictr.pytorch.models import BaseModel
 from fuxictr.pytorch.torch_utils import seed_everything
 from fuxictr.utils import not_in_whitelist
-from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 DATASET_ID = "MicroLens_1M_x1"
@@ -51,8 +51,9 @@ class DIN(BaseModel):
     """The challenge's DIN (reczoo WWW2025_MMCTR_Challenge src/DIN.py), from FuxiCTR layers."""
 
     def __init__(self, feature_map, model_id="DIN", gpu=-1, dnn_hidden_units=(1024, 512, 256),
-                 dnn_activations="ReLU", attention_hidden_units=(512, 256), attention_hidden_activations="ReLU",
-                 attention_output_activation=None, attention_dropout=0.1, learning_rate=1e-3, embedding_dim=64,
+                 dnn_activations="ReLU", attention_hidden_units=(512, 256),
+                 attention_hidden_activations="ReLU", attention_output_activation=None, attention_dropout=0.1,
+                 learning_rate=1e-3, embedding_dim=64,
                  net_dropout=0.1, batch_norm=True, din_use_softmax=False, embedding_regularizer=None,
                  net_regularizer=None, **kwargs):
         super().__init__(feature_map, model_id=model_id, gpu=gpu, embedding_regularizer=embedding_regularizer,
@@ -60,7 +61,8 @@ class DIN(BaseModel):
         self.item_info_dim = sum(spec.get("embedding_dim", embedding_dim)
                                  for spec in feature_map.features.values() if spec.get("source") == "item")
         self.embedding_layer = FeatureEmbedding(feature_map, embedding_dim)
-        self.attention_layers = DIN_Attention(self.item_info_dim, attention_units=list(attention_hidden_units),
+        self.attention_layers = DIN_Attention(self.item_info_dim,
+                                              attention_units=list(attention_hidden_units),
                                               hidden_activations=attention_hidden_activations,
                                               output_activation=attention_output_activation,
                                               dropout_rate=attention_dropout, use_softmax=din_use_softmax)
@@ -124,15 +126,16 @@ class DIN(BaseModel):
 
 # ------------------------------------------------------------------------------------------------- the data
 class Batches(Dataset):
-    """Indexed by a list of row numbers: returns (batch_dict, item_dict, mask) as MMCTRDataLoader's collate."""
+    """Indexed by a list of row numbers: (batch_dict, item_dict, mask), as MMCTRDataLoader's collate."""
 
     def __init__(self, path: Path, items: dict[str, np.ndarray], max_len: int):
         frame = pl.read_parquet(path)
         seq = frame["item_seq"]
         width = seq.list.len().max()
         self.history = np.asarray(seq.explode().to_numpy(), dtype=np.int64).reshape(frame.height, width)
-        self.history = np.ascontiguousarray(self.history[:, -max_len:])  # the organisers' item_seq[:, -max_len:]
-        self.columns = {c: frame[c].to_numpy() for c in ("likes_level", "views_level", "label") if c in frame.columns}
+        self.history = np.ascontiguousarray(self.history[:, -max_len:])  # as the organisers: item_seq[:, -L:]
+        self.columns = {c: frame[c].to_numpy() for c in ("likes_level", "views_level", "label")
+                        if c in frame.columns}
         self.item_id = frame["item_id"].to_numpy().astype(np.int64)
         self.items = items
         self.rows = frame.height
@@ -161,14 +164,15 @@ def read_items(path: Path) -> dict[str, np.ndarray]:
     assert (frame["item_id"].to_numpy() == np.arange(frame.height)).all(), "item_info must hold ids 0..V-1"
     return {
         "item_id": frame["item_id"].to_numpy().astype(np.int64),
-        "item_tags": np.asarray(frame["item_tags"].explode().to_numpy(), dtype=np.int64).reshape(frame.height, -1),
+        "item_tags": np.asarray(frame["item_tags"].explode().to_numpy(),
+                                dtype=np.int64).reshape(frame.height, -1),
         "item_emb_d128": np.asarray(frame["item_emb_d128"].explode().to_numpy(),
                                     dtype=np.float32).reshape(frame.height, -1),
     }
 
 
 def feature_map_for(raw: Path, work: Path, items: dict[str, np.ndarray], embedding_dim: int) -> FeatureMap:
-    """The organisers' dataset_config, vocabularies from this data set, through FeatureProcessor/build_dataset."""
+    """The organisers' dataset_config (vocabularies from this data) through FeatureProcessor/build_dataset."""
     n_items = items["item_id"].shape[0]
     n_tags = int(items["item_tags"].max()) + 2  # as 11740 for tag ids 0..11738 in the challenge's config
     feature_cols = [
@@ -186,7 +190,8 @@ def feature_map_for(raw: Path, work: Path, items: dict[str, np.ndarray], embeddi
     params = {"dataset_id": DATASET_ID, "data_root": str(work), "data_format": "parquet",
               "feature_cols": feature_cols, "label_col": {"name": "label", "dtype": "float"},
               "train_data": str(raw / "train.parquet"), "valid_data": str(raw / "valid.parquet"),
-              "test_data": str(raw / "test.parquet"), "rebuild_dataset": False, "embedding_dim": embedding_dim}
+              "test_data": str(raw / "test.parquet"), "rebuild_dataset": False,
+              "embedding_dim": embedding_dim}
     processor = FeatureProcessor(**params)
     build_dataset(processor, **params)  # rebuild_dataset=False: writes feature_map.json only
     feature_map = FeatureMap(DATASET_ID, os.path.join(str(work), DATASET_ID))
@@ -206,7 +211,8 @@ def versions() -> dict[str, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--raw", type=Path, required=True, help="folder with train/valid/test/item_info.parquet")
+    parser.add_argument("--raw", type=Path, required=True,
+                        help="folder with train/valid/test/item_info.parquet")
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--max-len", type=int, default=64)
@@ -231,8 +237,9 @@ def main() -> None:
     load_seconds = time.perf_counter() - started
     model_root = args.work / "checkpoints"
     (model_root / DATASET_ID).mkdir(parents=True, exist_ok=True)
-    # DIN_default (model.md section 7 / data.md section 4): emb 64, attention MLP [512, 256] ReLU, dropout 0.1,
-    # no softmax, DNN [1024, 512, 256] ReLU with BN, net dropout 0.1, lr 1e-3, emb_reg 0, Adam, BCE.
+    # DIN_default (model.md section 7 / data.md section 4): emb 64, attention MLP [512, 256] ReLU,
+    # attention dropout 0.1, no softmax, DNN [1024, 512, 256] ReLU with BN, net dropout 0.1, lr 1e-3,
+    # emb_reg 0, Adam, BCE.
     model = DIN(feature_map, model_id="DIN_peer", gpu=-1, embedding_dim=args.embedding_dim,
                 dnn_hidden_units=[1024, 512, 256], attention_hidden_units=[512, 256],
                 attention_hidden_activations="ReLU", attention_dropout=0.1, din_use_softmax=False,
@@ -264,7 +271,8 @@ def main() -> None:
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    print(json.dumps({k: v for k, v in record.items() if k not in ("evaluations", "feature_map")}), file=sys.stderr)
+    short = {k: v for k, v in record.items() if k not in ("evaluations", "feature_map")}
+    print(json.dumps(short), file=sys.stderr)
 
 
 if __name__ == "__main__":
