@@ -7,6 +7,7 @@ evaluate against the generator's oracle AUC on the same validation rows.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ def run_demo(size: str, cfg: Config, submission: Path, console: Console, seed: i
     from qin.features.pipeline import build_features, feature_dir_for
     from qin.predict import evaluate_run, load_run, write_submission
     from qin.runs import new_run_dir
-    from qin.synth import SynthSize, synthesize
+    from qin.synth import DEFAULT_PARAMS, SynthSize, synthesize
     from qin.train import fit
 
     raw_dir = Path(cfg.data.raw_dir)
@@ -31,7 +32,8 @@ def run_demo(size: str, cfg: Config, submission: Path, console: Console, seed: i
     hidden = data_root / "hidden"
     meta_path = hidden / "meta.json"
     existing = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    if existing.get("size") == size and existing.get("seed") == seed:
+    current = json.loads(json.dumps(asdict(DEFAULT_PARAMS)))  # as meta.json stores them
+    if existing.get("size") == size and existing.get("seed") == seed and existing.get("params") == current:
         console.print(f"[1/4] demo data already in {data_root} (size {size}, seed {seed})")
     else:
         console.print(f"[1/4] generating the {size} demo data set in {data_root}")
