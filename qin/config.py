@@ -114,7 +114,7 @@ class TrainConfig:
     min_delta: float = 1e-6  # an evaluation improves when AUC >= best + min_delta
     max_grad_norm: float = 10.0
     eval_steps: int | None = None  # evaluate every N steps; None = once per epoch
-    eval_batch_size: int = 65536
+    eval_batch_size: int = 8192  # ASTA gathers (B, L, A) keys and values: 65536 rows would need ~26 GB on CPU
     seed: int = 20242025
     device: DeviceChoice = DeviceChoice.auto
     bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)

@@ -274,17 +274,32 @@ class TargetAttention(nn.Module):
 
     def forward_unique(self, target: torch.Tensor, items: torch.Tensor, history_index: torch.Tensor,
                        mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fast path: project keys/values once per unique item, then gather them into the slots.
+        """Fast path: project keys/values once per unique item and touch only the REAL history slots.
 
         Exact: a key/value depends only on its item vector, so projecting U rows and gathering equals
-        projecting B L rows (up to float summation order in the matmul).
+        projecting B L rows; and a padded slot's masked score is 0, which both weightings (ReLU, and the
+        softmax ablation) turn into weight 0, so it adds nothing to the pooled value. Scores are therefore
+        computed for the N real (row, slot) pairs only (~9 of 64 slots on MicroLens) and the weighted values
+        are summed per row with index_add: no (B, L, A) tensor is ever built, which is most of the memory at
+        large scoring batches.
 
         Args: target (B, d_i), items (U, d_i), history_index (B, L) rows of `items`, mask (B, L).
         Returns: p (B, d_i), alpha (B, L).
         """
-        keys = F.embedding(history_index, self.w_k(items))  # (B, L, A)
-        values = F.embedding(history_index, self.w_v(items))  # (B, L, A)
-        return self._attend(target, keys, values, mask)
+        rows, slots = mask.nonzero(as_tuple=True)  # (N,), (N,): the real history items
+        item_rows = history_index[rows, slots]  # (N,)
+        query = self.w_q(target)  # (B, A)
+        keys = F.embedding(item_rows, self.w_k(items))  # (N, A)
+        values = F.embedding(item_rows, self.w_v(items))  # (N, A)
+        real_scores = (keys * query[rows]).sum(dim=-1) / self.scale  # (N,)
+        # Padded slots keep score 0: exactly the reference's score * mask.
+        scores = torch.zeros(mask.shape, dtype=real_scores.dtype, device=mask.device)  # (B, L)
+        scores = scores.index_put((rows, slots), real_scores)  # (B, L)
+        alpha = self.weights(scores, mask)  # (B, L)
+        weighted = alpha[rows, slots].unsqueeze(-1).to(values.dtype) * values  # (N, A)
+        pooled = torch.zeros(query.shape, dtype=weighted.dtype, device=weighted.device)  # (B, A)
+        pooled = pooled.index_add(0, rows, weighted)  # (B, A)
+        return self.w_o(pooled.to(target.dtype)) + target, alpha  # (B, d_i): residual to the target
 
     def _attend(self, target: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                 mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
