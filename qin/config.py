@@ -40,6 +40,13 @@ class Regularization(str, enum.Enum):
     batch = "batch"  # cheaper, NOT the reference math: only rows used in the batch (plus W_mm)
 
 
+class MMNormalize(str, enum.Enum):
+    """How the frozen multimodal vectors are scaled before the model sees them."""
+
+    none = "none"  # as stored (the reference: raw PCA outputs, whose top components have std of several units)
+    l2 = "l2"  # each item's vector to unit L2 norm (row 0 stays zero)
+
+
 class DeviceChoice(str, enum.Enum):
     auto = "auto"  # CUDA when present, else CPU
     cpu = "cpu"
@@ -54,6 +61,9 @@ class DataConfig:
     item_info: str | None = None  # alternative item table (same schema) in place of raw_dir/item_info.parquet
     features_root: str = "features"  # `qin preprocess` writes <features_root>/<name>/
     max_len: int = 64  # most recent history items kept per row
+    # Scaling of item_emb_d128 at load time (the feature folder keeps the raw values). Quadratic towers
+    # multiply their inputs, so an input scale of several units slows their training badly; see README.
+    mm_normalize: MMNormalize = MMNormalize.none
 
     def __post_init__(self) -> None:
         if self.max_len < 1:

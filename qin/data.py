@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from qin.batch import Batch, ItemTables
+from qin.config import MMNormalize
 from qin.features.io import FeatureSet, SplitArrays
 from qin.model import Vocab
 
@@ -106,8 +107,14 @@ def vocab_of(features: FeatureSet) -> Vocab:
                  levels=int(manifest["level_vocab"]))
 
 
-def item_tables_of(features: FeatureSet) -> ItemTables:
-    return ItemTables(
-        tags=torch.from_numpy(np.array(features.item_tags, dtype=np.int64)),  # (V, T)
-        mm_emb=torch.from_numpy(np.array(features.item_emb, dtype=np.float32)),  # (V, M)
-    )
+def item_tables_of(features: FeatureSet, mm_normalize: MMNormalize = MMNormalize.none) -> ItemTables:
+    """The model's item side tables; `mm_normalize` rescales the frozen multimodal vectors."""
+    mm_emb = torch.from_numpy(np.array(features.item_emb, dtype=np.float32))  # (V, M)
+    match mm_normalize:
+        case MMNormalize.none:
+            pass
+        case MMNormalize.l2:
+            mm_emb = mm_emb / mm_emb.norm(dim=1, keepdim=True).clamp_min(1e-12)  # row 0 (zeros) stays zero
+        case _:
+            raise ValueError(f"unknown mm_normalize {mm_normalize!r}")
+    return ItemTables(tags=torch.from_numpy(np.array(features.item_tags, dtype=np.int64)), mm_emb=mm_emb)

@@ -52,7 +52,7 @@ def load_run(run_dir: Path, feature_dir: Path | None = None, device: str | None 
         raise QinError(f"{features.dir}: vocabulary {vocab_of(features)} differs from the one the checkpoint "
                        f"was trained with {trained_vocab}; preprocess with the same item table")
     chosen = resolve_device(config.train.device if device is None else type(config.train.device)(device))
-    model = build_model(config.model, trained_vocab, item_tables_of(features))
+    model = build_model(config.model, trained_vocab, item_tables_of(features, config.data.mm_normalize))
     model.load_state_dict(checkpoint["model_state"])
     model.to(chosen).eval()
     return LoadedRun(run_dir if run_dir.is_dir() else run_dir.parent, config, model, features, chosen, checkpoint)

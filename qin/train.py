@@ -148,7 +148,7 @@ def fit(cfg: Config, features: FeatureSet, run_dir: Path, resume: bool = False, 
     seed_everything(train_cfg.seed)
 
     vocab = vocab_of(features)
-    model = build_model(cfg.model, vocab, item_tables_of(features)).to(device)
+    model = build_model(cfg.model, vocab, item_tables_of(features, cfg.data.mm_normalize)).to(device)
     train_split = SplitTensors.from_arrays(features.split("train"))
     valid_split = SplitTensors.from_arrays(features.split("valid"))
     if train_split.label is None:
