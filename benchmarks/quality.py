@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--work", default=str(ROOT / "benchmarks" / "work"))
+    parser.add_argument("--tag", default="", help="suffix of the results file and run folders")
     args = parser.parse_args()
     console = Console()
     work = Path(args.work)
@@ -52,7 +53,7 @@ def main() -> None:
     rows = []
     for name in args.models:
         cfg = base.replace("model", name=name)
-        run_dir = work / "runs" / f"quality-{args.size}-{name}"
+        run_dir = work / "runs" / f"quality-{args.size}{args.tag}-{name}"
         started = time.perf_counter()
         fit(cfg, features, run_dir, console=console, progress=False)
         evaluation = evaluate_run(load_run(run_dir), data_root / "hidden")
@@ -62,9 +63,10 @@ def main() -> None:
         rows.append(row)
         console.print(row)
     record = {"benchmark": "quality", "size": args.size, "config": base.to_dict(), "rows": rows,
-              "popularity_auc": meta.get("popularity_auc"), "oracle_auc": meta.get("oracle_auc")}
+              "generator_auc": meta.get("auc")}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"quality_{args.size}.json").write_text(json.dumps(record, indent=2, default=str))
+    (RESULTS / f"quality_{args.size}{args.tag}.json").write_text(json.dumps(record, indent=2, default=str))
+    print(f"mm_normalize={base.data.mm_normalize.value}, popularity alone {meta['auc']['popularity_valid']:.4f}")
     print("| model | valid AUC | oracle AUC | % of oracle | params | train+eval s |")
     print("|---|---|---|---|---|---|")
     for row in rows:
