@@ -36,6 +36,7 @@ from benchlib import BENCH_DIR, RESULTS, ROOT, WORK, log, machine, now, read_jso
 VENV = WORK / "fuxictr-venv"
 FUXICTR_VERSION = "2.3.7"
 PINS = [f"fuxictr=={FUXICTR_VERSION}", "numpy<2", "scikit-learn<1.5", "pandas<2.3", "polars<1.0"]
+MODELS = ["fuxictr", "din", "qin"]
 SUGGESTED_MAX_LEN = {"tiny": 16, "small": 32, "bench": 64, "full": 64}
 
 
@@ -72,7 +73,12 @@ def ensure_features(raw: Path, size: str, max_len: int) -> Path:
     return out
 
 
-def _measured(name: str, argv: list[str], json_path: Path, nice: int) -> dict[str, Any]:
+def _measured(name: str, argv: list[str], json_path: Path, nice: int, reuse: bool) -> dict[str, Any]:
+    if reuse and json_path.is_file():
+        log(f"peer: {name}: reusing {json_path}")
+        record = read_json(json_path)
+        record.setdefault("process", {})  # unknown when an older run wrote it
+        return record
     log(f"peer: {name} ...")
     json_path.unlink(missing_ok=True)
     usage = run_measured(argv, log_path=json_path.with_suffix(".log"), nice=nice)
@@ -81,39 +87,47 @@ def _measured(name: str, argv: list[str], json_path: Path, nice: int) -> dict[st
         raise SystemExit(f"peer: {name} failed (exit {usage['returncode']}); log tail:\n{tail}")
     record = read_json(json_path)
     record["process"] = usage
+    write_json(json_path, record)  # with its process usage: --reuse can pick it up
     log(f"peer: {name}: valid AUC {record['valid_auc']:.4f}, {record['samples_per_second']:,.0f} samples/s, "
         f"peak RSS {usage['peak_rss_mib']:,} MiB")
     return record
 
 
 def run(size: str, epochs: int, batch_size: int, max_len: int | None, nice: int, threads: int | None,
-        results: Path) -> dict[str, Any]:
+        results: Path, models: list[str] = MODELS, reuse: bool = False, scratch: Path | None = None
+        ) -> dict[str, Any] | None:
     max_len = max_len or SUGGESTED_MAX_LEN[size]
     exe = ensure_venv()
     data = ensure_data(size)
     raw = data / "MicroLens_1M_x1"
     features = ensure_features(raw, size, max_len)
     meta = json.loads((data / "hidden" / "meta.json").read_text())
-    scratch = WORK / f"peer-{size}-e{epochs}"
+    scratch = scratch or WORK / f"peer-{size}-e{epochs}"
     scratch.mkdir(parents=True, exist_ok=True)
     thread_args = ["--threads", str(threads)] if threads else []
 
-    fux = _measured("FuxiCTR DIN", [str(exe), str(BENCH_DIR / "peer" / "fuxictr_din.py"), "--raw", str(raw),
-                                    "--work", str(scratch / "fuxictr"), "--max-len", str(max_len),
-                                    "--epochs", str(epochs), "--batch-size", str(batch_size),
-                                    "--json", str(scratch / "fuxictr_din.json"), *thread_args],
-                    scratch / "fuxictr_din.json", nice)
+    done: dict[str, dict[str, Any]] = {}
+    if "fuxictr" in models:
+        argv = [str(exe), str(BENCH_DIR / "peer" / "fuxictr_din.py"), "--raw", str(raw),
+                "--work", str(scratch / "fuxictr"), "--max-len", str(max_len), "--epochs", str(epochs),
+                "--batch-size", str(batch_size), "--json", str(scratch / "fuxictr_din.json"), *thread_args]
+        done["fuxictr"] = _measured("FuxiCTR DIN", argv, scratch / "fuxictr_din.json", nice, reuse)
     common = [f"train.epochs={epochs}", f"train.batch_size={batch_size}", f"data.max_len={max_len}",
               f"data.raw_dir={raw}", "train.eval_steps=null"]
-    ours = {}
     for name, config, extra in (("din", ROOT / "configs" / "din.yaml", ["train.lr_decay_factor=0.1"]),
                                 ("qin", ROOT / "qin.yaml", [])):
+        if name not in models:
+            continue
         sets = [x for item in [*common, *extra] for x in ("--set", item)]
-        ours[name] = _measured(f"our {name}", [sys.executable, str(BENCH_DIR / "measure.py"), "fit",
+        done[name] = _measured(f"our {name}", [sys.executable, str(BENCH_DIR / "measure.py"), "fit",
                                                "--features", str(features), "--config", str(config),
                                                "--run-dir", str(scratch / f"run-{name}"), *sets, *thread_args,
                                                "--json", str(scratch / f"our_{name}.json")],
-                               scratch / f"our_{name}.json", nice)
+                               scratch / f"our_{name}.json", nice, reuse)
+    if set(done) != set(MODELS):
+        log(f"peer: ran {sorted(done)}; the comparison needs {MODELS} (run again with --reuse to assemble)")
+        return None
+    fux, ours = done["fuxictr"], done
 
     def row(label: str, r: dict[str, Any]) -> dict[str, Any]:
         evaluations = r.get("evaluations") or []
@@ -121,8 +135,9 @@ def run(size: str, epochs: int, batch_size: int, max_len: int | None, nice: int,
                 "auc_by_epoch": [e.get("valid_auc", e.get("AUC")) for e in evaluations],
                 "samples_per_second": r["samples_per_second"], "train_seconds": r["train_seconds"],
                 "steps": r["steps"], "parameters": r["parameters"],
-                "peak_rss_mib": r["process"]["peak_rss_mib"],
-                "cpu_seconds": r["process"]["cpu_seconds"], "wall_seconds": r["process"]["wall_seconds"]}
+                "peak_rss_mib": r["process"].get("peak_rss_mib"),
+                "cpu_seconds": r["process"].get("cpu_seconds"),
+                "wall_seconds": r["process"].get("wall_seconds")}
 
     record = {
         "benchmark": "peer_fuxictr", "date": now(), "size": size, "epochs": epochs, "batch_size": batch_size,
@@ -156,8 +171,9 @@ def table(record: dict[str, Any]) -> str:
              "|---|---|---|---|---|---|"]
     for r in record["rows"]:
         by_epoch = ", ".join(f"{a:.4f}" for a in r["auc_by_epoch"] if a is not None)
+        rss = "–" if r["peak_rss_mib"] is None else f"{r['peak_rss_mib']:,}"
         lines.append(f"| {r['model']} | {r['valid_auc']:.4f} | {by_epoch} | {r['samples_per_second']:,.0f} | "
-                     f"{r['parameters']:,} | {r['peak_rss_mib']:,} |")
+                     f"{r['parameters']:,} | {rss} |")
     return "\n".join(lines)
 
 
@@ -171,8 +187,14 @@ def main() -> None:
     parser.add_argument("--nice", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse finished results in the scratch folder instead of training again")
+    parser.add_argument("--scratch", type=Path, default=None,
+                        help="default: benchmarks/work/peer-<size>-e<epochs>")
     args = parser.parse_args()
-    run(args.size, args.epochs, args.batch_size, args.max_len, args.nice, args.threads, args.results)
+    run(args.size, args.epochs, args.batch_size, args.max_len, args.nice, args.threads, args.results,
+        args.models, args.reuse, args.scratch)
 
 
 if __name__ == "__main__":

@@ -164,7 +164,8 @@ class Runner:
         usage = run_measured([PY, str(BENCH_DIR / "peer_fuxictr.py"), "--size", size,
                               "--epochs", str(self.args.peer_epochs),
                               "--batch-size", str(self.args.peer_batch_size),
-                              "--nice", "0", "--results", str(self.results)],
+                              "--nice", "0", "--results", str(self.results),
+                              *(["--reuse"] if self.args.peer_reuse else [])],
                              log_path=self.logs / f"{name}.log", nice=self.args.nice)
         path = self.results / f"{name}.json"
         if usage["returncode"] != 0 or not path.is_file():
@@ -202,7 +203,7 @@ def collect(results: Path) -> dict[str, dict[str, Any]]:
 
 def _cores(usage: dict[str, Any] | None) -> str:
     """CPU seconds / wall seconds of a process: how much of the 2 shared cores it actually got."""
-    if not usage or not usage.get("wall_seconds"):
+    if not usage or not usage.get("wall_seconds") or usage.get("cpu_seconds") is None:
         return "–"
     return f"{usage['cpu_seconds'] / usage['wall_seconds']:.2f}"
 
@@ -264,7 +265,8 @@ def _rows_for(name: str, r: dict[str, Any]) -> list[tuple[str, ...]]:
                         f"batch {r['batch_size']}, max_len {r['max_len']}; oracle valid AUC "
                         f"{_fmt(r.get('oracle_valid_auc'), 4)}",
                         f"valid AUC **{row['valid_auc']:.4f}**, {row['samples_per_second']:,.0f} samples/s",
-                        f"{row['peak_rss_mib']:,} MiB", _cores(row)))
+                        "–" if row.get("peak_rss_mib") is None else f"{row['peak_rss_mib']:,} MiB",
+                        _cores(row)))
         return out
     return []
 
@@ -345,6 +347,8 @@ def main() -> None:
     parser.add_argument("--peer-epochs", type=int, default=6)
     parser.add_argument("--peer-batch-size", type=int, default=4096,
                         help="DIN_default's 4096 (the organisers' leaderboard row says 8192)")
+    parser.add_argument("--peer-reuse", action="store_true",
+                        help="reuse peer models already trained in benchmarks/work/peer-<size>-e<epochs>/")
     parser.add_argument("--nice", type=int, default=10, help="niceness of the measurement processes")
     parser.add_argument("--results", type=Path, default=None)
     parser.add_argument("--summary-only", action="store_true",
