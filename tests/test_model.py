@@ -248,8 +248,11 @@ def test_history_order_does_not_matter(name: ModelName) -> None:
 
 @pytest.mark.parametrize("name", ALL_MODELS)
 def test_fast_path_equals_per_slot_path(name: ModelName) -> None:
-    fast = tiny_model(name, unique_items=True)
-    slow = build_model(tiny_cfg(name, unique_items=False), VOCAB, make_items(0))
+    # DIN's fast path draws attention-dropout masks for the real slots only (another random stream), so
+    # the train-mode comparison runs it without that dropout; eval mode below has none anyway.
+    changes = {"din_attention_dropout": 0.0} if name == ModelName.din else {}
+    fast = tiny_model(name, unique_items=True, **changes)
+    slow = build_model(tiny_cfg(name, unique_items=False, **changes), VOCAB, make_items(0))
     slow.load_state_dict(fast.state_dict())
     batch = make_batch()
     logits = []
@@ -269,6 +272,29 @@ def test_fast_path_equals_per_slot_path(name: ModelName) -> None:
     weights = fast.attention_weights(batch)
     if weights is not None:
         torch.testing.assert_close(weights, slow.attention_weights(batch), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("activation", [Activation.relu, Activation.dice])
+def test_din_fast_path_with_each_attention_activation(activation: Activation) -> None:
+    """ReLU: only real slots are scored. Dice: its batch statistics span every slot, so all are scored."""
+    models = []
+    for unique_items in (True, False):
+        torch.manual_seed(0)
+        models.append(DIN(tiny_cfg(ModelName.din, unique_items=unique_items), VOCAB, make_items(0),
+                          attention_activation=activation))
+    fast, slow = models
+    assert fast.attention.real_slots_exact == (activation == Activation.relu)
+    batch = make_batch()
+    for mode in ("eval", "train"):  # eval first: a train pass moves BN running statistics
+        torch.manual_seed(5)
+        first = getattr(fast, mode)()(batch)
+        torch.manual_seed(5)
+        second = getattr(slow, mode)()(batch)
+        if mode == "eval" or activation == Activation.dice:  # same random stream only when all slots run
+            torch.testing.assert_close(first, second, rtol=1e-5, atol=1e-5)
+    fast.eval(), slow.eval()
+    torch.testing.assert_close(fast.attention_weights(batch), slow.attention_weights(batch),
+                               rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ALL_MODELS)

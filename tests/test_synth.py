@@ -199,10 +199,11 @@ def test_label_rate(tiny: SynthResult) -> None:
     assert tiny.meta["mean_p_true"]["train"] == pytest.approx(0.25, abs=0.005)
 
 
-def _brute_force_auc(p: np.ndarray) -> float:
+def _brute_force_auc(p: np.ndarray, score: np.ndarray | None = None) -> float:
+    s = p if score is None else score
     pi, pj = p[:, None], p[None, :]
     w = pi * (1 - pj) * (1 - np.eye(p.size))  # pairs i ≠ j
-    win = (pi > pj) + 0.5 * (pi == pj)
+    win = (s[:, None] > s[None, :]) + 0.5 * (s[:, None] == s[None, :])
     return float((w * win).sum() / w.sum())
 
 
@@ -214,6 +215,18 @@ def test_expected_auc_matches_brute_force(case: str) -> None:
          "extremes": np.r_[rng.random(50), [0.0, 0.0, 1.0, 1.0, 0.5]]}[case]
     assert expected_auc(p) == pytest.approx(_brute_force_auc(p), abs=1e-12)
     assert expected_auc(np.full(10, 0.4)) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("case", ["continuous", "tied scores", "reversed"])
+def test_expected_auc_of_a_score_matches_brute_force(case: str) -> None:
+    rng = np.random.default_rng(4)
+    p = rng.random(250)
+    score = {"continuous": p + rng.normal(0, 0.3, p.size),
+             "tied scores": np.round(p * 4),  # 5 groups of equal score
+             "reversed": -p}[case]
+    assert expected_auc(p, score) == pytest.approx(_brute_force_auc(p, score), abs=1e-12)
+    assert expected_auc(p, p) == pytest.approx(expected_auc(p), abs=1e-12)  # the oracle is the default
+    assert expected_auc(p, -p) == pytest.approx(1 - expected_auc(p), abs=1e-12)
 
 
 def test_deterministic_per_seed(tiny: SynthResult, tmp_path: Path) -> None:

@@ -41,15 +41,18 @@ class DIN(CTRModel):
         """Returns the DNN input (B, 2 d_e + 2 d_i) and the attention scores (B, L)."""
         mask = batch.history != 0  # (B, L)
         if self.cfg.unique_items:
-            # Item vectors once per unique id (0 included, so padded slots hold exactly the reference's
-            # vector: the attention MLP below still sees every slot).
+            # Item vectors once per unique id (0 included, so a padded slot would get exactly the
+            # reference's vector, should the attention have to score it).
             items, target_index, history_index = self.embedding.items.encode_unique(
                 batch.target_item, batch.history)  # (U, d_i), (B,), (B, L)
             target = F.embedding(target_index, items)  # (B, d_i)
-            history = F.embedding(history_index, items)  # (B, L, d_i)
+            if self.attention.real_slots_exact:
+                pooled, scores = self.attention.forward_unique(target, items, history_index, mask)
+            else:  # Dice: its batch statistics cover every slot, so every slot is scored
+                pooled, scores = self.attention(target, F.embedding(history_index, items), mask)
         else:
             target, history = self.embedding.items.encode_slots(batch.target_item, batch.history)
-        pooled, scores = self.attention(target, history, mask)  # (B, d_i), (B, L)
+            pooled, scores = self.attention(target, history, mask)  # (B, d_i), (B, L)
         return torch.cat([self.embedding.fields(batch), target, pooled], dim=-1), scores
 
     def forward(self, batch: Batch) -> torch.Tensor:

@@ -372,22 +372,47 @@ class DINAttention(nn.Module):
     def __init__(self, item_dim: int, hidden: list[int], activation: Activation, dropout: float) -> None:
         super().__init__()
         self.mlp = MLP(4 * item_dim, hidden, 1, activation, dropout, batch_norm=False)
+        # Dice normalises with batch statistics over every scored pair, padded slots included, so only
+        # without Dice does scoring the real slots alone give the reference's numbers.
+        self.real_slots_exact = activation != Activation.dice
 
     def forward(self, target: torch.Tensor, history: torch.Tensor,
                 mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Args: target (B, d_i), history (B, L, d_i), mask (B, L) bool.
+        """The reference's way: every slot, padding included, goes through the MLP; the mask then zeroes
+        the padded scores.
 
+        Args: target (B, d_i), history (B, L, d_i), mask (B, L) bool.
         Returns: pooled (B, d_i), scores (B, L).
         """
         batch, slots, width = history.shape
         target = target.unsqueeze(1).expand(-1, slots, -1)  # (B, L, d_i)
         pairs = torch.cat([target, history, target - history, target * history], dim=-1)  # (B, L, 4 d_i)
-        # Every slot, padding included, goes through the MLP as in the reference (with Dice its BatchNorm
-        # statistics include padded slots); the mask then zeroes the padded scores.
         scores = self.mlp(pairs.view(batch * slots, 4 * width)).view(batch, slots)  # (B, L)
         scores = scores * mask.to(scores.dtype)  # (B, L)
         pooled = torch.bmm(scores.unsqueeze(1).to(history.dtype), history).squeeze(1)  # (B, d_i)
         return pooled, scores
+
+    def forward_unique(self, target: torch.Tensor, items: torch.Tensor, history_index: torch.Tensor,
+                       mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fast path: score only the N REAL (row, slot) pairs (~9 of 64 slots on MicroLens).
+
+        Exact when `real_slots_exact` (no Dice): each pair's score depends on that pair alone, and a padded
+        slot's score is multiplied by 0 anyway. In training, dropout draws its masks for the N real pairs
+        instead of all B L slots: the same distribution, a different random stream.
+
+        Args: target (B, d_i), items (U, d_i), history_index (B, L) rows of `items`, mask (B, L).
+        Returns: pooled (B, d_i), scores (B, L).
+        """
+        rows, slots = mask.nonzero(as_tuple=True)  # (N,), (N,)
+        history = F.embedding(history_index[rows, slots], items)  # (N, d_i)
+        paired = target[rows]  # (N, d_i)
+        pairs = torch.cat([paired, history, paired - history, paired * history], dim=-1)  # (N, 4 d_i)
+        real_scores = self.mlp(pairs).squeeze(-1)  # (N,)
+        scores = torch.zeros(mask.shape, dtype=real_scores.dtype, device=mask.device)  # (B, L)
+        scores = scores.index_put((rows, slots), real_scores)  # (B, L): padded slots stay 0
+        weighted = real_scores.unsqueeze(-1).to(history.dtype) * history  # (N, d_i)
+        pooled = torch.zeros(target.shape, dtype=weighted.dtype, device=weighted.device)  # (B, d_i)
+        return pooled.index_add(0, rows, weighted).to(target.dtype), scores
 
 
 # ----------------------------------------------------------------------------------------------------------
