@@ -48,7 +48,8 @@ DESCRIPTIONS = {
 
 
 def data_folder(size: str, shared: Path, own: Path) -> Path:
-    """The generated data set: the shared benchmarks/work/data-<size> if complete (read-only), else our own."""
+    """The generated data set: the shared benchmarks/work/data-<size> if complete (read-only),
+    else our own."""
     if (shared / "hidden" / "meta.json").is_file():
         return shared
     if not (own / "hidden" / "meta.json").is_file():
@@ -114,8 +115,9 @@ def main() -> None:
         override = [] if variant == "generated" else [f"data.item_info={table}"]
         cfg = Config.from_yaml(args.config, [*common, *override])
         item_info = Path(cfg.data.item_info) if cfg.data.item_info else None
-        built = build_features(raw_dir, feature_dir_for(Path(cfg.data.features_root), raw_dir, cfg.data.max_len,
-                                                        item_info), cfg.data.max_len, item_info=item_info)
+        built = build_features(
+            raw_dir, feature_dir_for(Path(cfg.data.features_root), raw_dir, cfg.data.max_len, item_info),
+            cfg.data.max_len, item_info=item_info)
         features = load_features(built.feature_dir)
         run_dir = emb_dir / "runs" / f"emb-{args.size}{args.tag}-{variant}"
         train_started = time.perf_counter()
@@ -124,7 +126,8 @@ def main() -> None:
         row = {"variant": variant, "description": DESCRIPTIONS[variant], "item_table": str(table),
                "pca_explained_variance": explained, "valid_auc": evaluation["auc"],
                "oracle_auc": evaluation["oracle_auc"], "valid_logloss": evaluation["logloss"],
-               "best_epoch": getattr(result, "best_epoch", None), "epochs_run": getattr(result, "epochs_run", None),
+               "best_epoch": getattr(result, "best_epoch", None),
+               "epochs_run": getattr(result, "epochs_run", None),
                "embed_seconds": round(embed_seconds, 1),
                "train_eval_seconds": round(time.perf_counter() - train_started, 1),
                "seconds": round(time.perf_counter() - started, 1), **extra}
@@ -143,7 +146,8 @@ def main() -> None:
     for row in rows:
         explained = "-" if row["pca_explained_variance"] is None else f"{row['pca_explained_variance']:.3f}"
         print(f"| {row['variant']}: {row['description']} | {explained} | {row['valid_auc']:.4f} | "
-              f"{row['oracle_auc']:.4f} | {100 * row['valid_auc'] / row['oracle_auc']:.1f}% | {row['seconds']} |")
+              f"{row['oracle_auc']:.4f} | {100 * row['valid_auc'] / row['oracle_auc']:.1f}% | "
+              f"{row['seconds']} |")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ Trains every model on the same generated data set with the same budget (the demo
 generator's oracle AUC of the same rows beside it. Writes benchmarks/results/quality_<size>.json
 and prints a markdown table for the README.
 
-    python benchmarks/quality.py [--size small] [--models qin din ...] [--set train.epochs=8]
+    python benchmarks/quality.py [--size small] [--models qin din ...] [--set train.epochs=8] [--true-latents]
 """
 
 from __future__ import annotations
@@ -13,19 +13,34 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
+import polars as pl
 from rich.console import Console
 
 from qin.config import Config, ModelName
 from qin.features.io import load_features
 from qin.features.pipeline import build_features, feature_dir_for
 from qin.predict import evaluate_run, load_run
-from qin.synth import SynthSize, synthesize
+from qin.synth import DEFAULT_PARAMS, SynthSize, synthesize
 from qin.train import fit
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def true_latent_item_info(data_root: Path, work: Path) -> Path:
+    """item_info with item_emb_d128 = [v ‖ 0] (v: the 16-d latent that drives clicks); returns its path."""
+    latents = pl.read_parquet(data_root / "hidden" / "item_latent.parquet").sort("item_id")
+    item_info = pl.read_parquet(data_root / "MicroLens_1M_x1" / "item_info.parquet").sort("item_id")
+    v = np.stack(latents["v"].to_list()).astype(np.float64)  # (N, d_lat), items 1..N
+    emb = np.zeros((item_info.height, 128))  # row 0: the padding item
+    emb[latents["item_id"].to_numpy(), : v.shape[1]] = v
+    out = work / f"item_info_true_latents_{data_root.name}.parquet"
+    item_info.with_columns(pl.Series("item_emb_d128", emb, dtype=pl.List(pl.Float64))).write_parquet(out)
+    return out
 
 
 def main() -> None:
@@ -36,19 +51,29 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--work", default=str(ROOT / "benchmarks" / "work"))
     parser.add_argument("--tag", default="", help="suffix of the results file and run folders")
+    parser.add_argument("--true-latents", action="store_true",
+                        help="diagnostic: replace item_emb_d128 by the generator's true item latents v "
+                             "(hidden/item_latent.parquet), to separate learning item vectors from the rest")
     args = parser.parse_args()
     console = Console()
     work = Path(args.work)
     data_root = work / f"data-{args.size}"
-    if not (data_root / "hidden" / "meta.json").is_file():
-        synthesize(data_root, SynthSize(args.size), seed=0)
-    meta = json.loads((data_root / "hidden" / "meta.json").read_text())
-    base = Config.from_yaml(args.config, [f"data.raw_dir={data_root / 'MicroLens_1M_x1'}",
-                                          f"data.features_root={work / 'features'}",
-                                          f"train.run_root={work / 'runs'}", *args.overrides])
+    meta_path = data_root / "hidden" / "meta.json"
+    # Regenerate when the data were drawn by other generator parameters (an older qin.synth).
+    current_params = json.loads(json.dumps(asdict(DEFAULT_PARAMS)))
+    if not meta_path.is_file() or json.loads(meta_path.read_text())["params"] != current_params:
+        synthesize(data_root, SynthSize(args.size), seed=0, images=False)
+    meta = json.loads(meta_path.read_text())
+    overrides = [f"data.raw_dir={data_root / 'MicroLens_1M_x1'}", f"data.features_root={work / 'features'}",
+                 f"train.run_root={work / 'runs'}", *args.overrides]
+    if args.true_latents:
+        overrides.append(f"data.item_info={true_latent_item_info(data_root, work)}")
+        args.tag = f"{args.tag}_true_latents"
+    base = Config.from_yaml(args.config, overrides)
     raw_dir = Path(base.data.raw_dir)
-    built = build_features(raw_dir, feature_dir_for(Path(base.data.features_root), raw_dir, base.data.max_len, None),
-                           base.data.max_len)
+    item_info = Path(base.data.item_info) if base.data.item_info else None
+    feature_dir = feature_dir_for(Path(base.data.features_root), raw_dir, base.data.max_len, item_info)
+    built = build_features(raw_dir, feature_dir, base.data.max_len, item_info=item_info)
     features = load_features(built.feature_dir)
     rows = []
     for name in args.models:
@@ -66,12 +91,14 @@ def main() -> None:
               "generator_auc": meta.get("auc")}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"quality_{args.size}{args.tag}.json").write_text(json.dumps(record, indent=2, default=str))
-    print(f"mm_normalize={base.data.mm_normalize.value}, popularity alone {meta['auc']['popularity_valid']:.4f}")
+    popularity = meta["auc"]["popularity_valid"]
+    print(f"mm_normalize={base.data.mm_normalize.value}, popularity alone {popularity:.4f}")
     print("| model | valid AUC | oracle AUC | % of oracle | params | train+eval s |")
     print("|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['model']} | {row['valid_auc']:.4f} | {row['oracle_auc']:.4f} | "
-              f"{100 * row['valid_auc'] / row['oracle_auc']:.1f}% | {row['parameters']:,} | {row['seconds']} |")
+        share = 100 * row["valid_auc"] / row["oracle_auc"]
+        print(f"| {row['model']} | {row['valid_auc']:.4f} | {row['oracle_auc']:.4f} | {share:.1f}% | "
+              f"{row['parameters']:,} | {row['seconds']} |")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from qin.synth import (
     _make_rows,
     _make_users,
     _rng,
+    _signals,
     _sigmoid,
     _split_users,
     expected_auc,
@@ -82,6 +83,17 @@ def main() -> None:
     table.append(("f without the item bias", expected_auc(p_true, f - parts["item bias"])))
     table.append(("f without the user bias", expected_auc(p_true, f - parts["user bias"])))
     table.append(("f without s_att and s_att*q", expected_auc(p_true, f - parts["s_att"] - parts["s_att*q"])))
+    # No model here sees slot positions (the reference has no positional encoding), so the recency term
+    # of the generator's attention is out of every model's reach: score f with that term switched off.
+    no_recency = np.concatenate([
+        _signals(rows.user[lo:lo + spec.chunk_rows], rows.item[lo:lo + spec.chunk_rows], users, items,
+                 dataclasses.replace(prm, gamma=0.0))[0]
+        for lo in range(0, rows.user.size, spec.chunk_rows)])
+    attention_weight = prm.w_att + prm.w_att_q * q
+    table.append(("f with the attention's recency term dropped (what position-free models can see)",
+                  expected_auc(p_true, f + attention_weight * (no_recency - rows.s_att))))
+    table.append(("... and without the user bias (valid/test users are unseen in train)",
+                  expected_auc(p_true, f + attention_weight * (no_recency - rows.s_att) - parts["user bias"])))
     table.append(("s_att alone", expected_auc(p_true, rows.s_att)))
     table.append(("s_att*q + s_att alone", expected_auc(p_true, parts["s_att"] + parts["s_att*q"])))
     table.append(("popularity alone", expected_auc(p_true, items.pop_z[rows.item])))

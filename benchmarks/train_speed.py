@@ -77,7 +77,8 @@ def time_path(cfg: Config, unique_items: bool, batches: list[Batch], tables: Ite
         if index >= warmup:
             times.append(time.perf_counter() - start)
     rows = batches[0].size
-    return {"unique_items": unique_items, "steps_timed": len(times), "seconds_per_step": float(np.mean(times)),
+    return {"unique_items": unique_items, "steps_timed": len(times),
+            "seconds_per_step": float(np.mean(times)),
             "samples_per_second": rows / float(np.mean(times)),
             "parameters": sum(p.numel() for p in model.parameters())}
 
@@ -94,11 +95,13 @@ def main() -> None:
     device = resolve_device(DeviceChoice(args.device))
     rng = np.random.default_rng(0)
     tables = item_tables(rng)
-    batches = [challenge_like_batch(args.batch_size, cfg.data.max_len, rng) for _ in range(args.steps + args.warmup)]
+    batches = [challenge_like_batch(args.batch_size, cfg.data.max_len, rng)
+               for _ in range(args.steps + args.warmup)]
     real = float(np.mean([(b.history != 0).sum(1).float().mean() for b in batches]))
     results = {"fast": time_path(cfg, True, batches, tables, device, args.warmup),
                "per_slot": time_path(cfg, False, batches, tables, device, args.warmup)}
-    no_reg = Config.from_dict({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "embedding_regularizer": 0.0}})
+    no_reg = Config.from_dict({**cfg.to_dict(),
+                               "train": {**cfg.to_dict()["train"], "embedding_regularizer": 0.0}})
     results["fast_without_l2"] = time_path(no_reg, True, batches, tables, device, args.warmup)
     record = {
         "benchmark": "train_speed", "device": str(device),
@@ -106,8 +109,10 @@ def main() -> None:
         or platform.machine(),
         "cpu_threads": torch.get_num_threads(), "batch_size": args.batch_size,
         "mean_history_items": real, "results": results,
-        "speedup_fast_vs_per_slot": results["fast"]["samples_per_second"] / results["per_slot"]["samples_per_second"],
-        "l2_share_of_fast_step": 1 - results["fast_without_l2"]["seconds_per_step"] / results["fast"]["seconds_per_step"],
+        "speedup_fast_vs_per_slot": results["fast"]["samples_per_second"]
+        / results["per_slot"]["samples_per_second"],
+        "l2_share_of_fast_step": 1 - results["fast_without_l2"]["seconds_per_step"]
+        / results["fast"]["seconds_per_step"],
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
     }
@@ -116,7 +121,8 @@ def main() -> None:
     out.write_text(json.dumps(record, indent=2))
     print(json.dumps(record, indent=2))
     print(f"| {record['device_name']} ({device.type}, {record['cpu_threads']} threads) | "
-          f"{results['fast']['samples_per_second']:,.0f} | {results['per_slot']['samples_per_second']:,.0f} | "
+          f"{results['fast']['samples_per_second']:,.0f} | "
+          f"{results['per_slot']['samples_per_second']:,.0f} | "
           f"{record['speedup_fast_vs_per_slot']:.2f}x | {record['peak_rss_mib']:,.0f} MiB |")
 
 

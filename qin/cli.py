@@ -22,7 +22,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 console = Console(stderr=True)
 
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="YAML config (see qin.yaml).")]
-SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override, e.g. --set train.learning_rate=1e-3.")]
+SetOption = Annotated[list[str] | None,
+                      typer.Option("--set", help="Override, e.g. --set train.learning_rate=1e-3.")]
 RunOption = Annotated[Path | None, typer.Option("--run", help="Run folder (default: newest under runs/).")]
 
 
@@ -67,7 +68,8 @@ def synth(
     try:
         chosen = SynthSize(size)
     except ValueError:
-        raise QinError(f"--size must be one of {', '.join(s.value for s in SynthSize)}; got {size!r}") from None
+        raise QinError(f"--size must be one of {', '.join(s.value for s in SynthSize)}; "
+                       f"got {size!r}") from None
     result = synthesize(out, chosen, seed=seed, test_label=test_label, images=images)
     meta = result.meta
     console.print(f"wrote {result.data_dir} (truth in {result.hidden_dir})")
@@ -110,7 +112,6 @@ def train(
     """Train, early-stop on validation AUC, keep the best checkpoint (runs/<name>/best.pt)."""
     from qin import distributed
     from qin.features.io import load_features
-    from qin.runs import new_run_dir
     from qin.train import fit
 
     cfg = _load_config(config, overrides)
@@ -152,12 +153,15 @@ def _shared_run_dir(cfg: Config, dist) -> Path:
 @app.command()
 @_user_errors
 def predict(
-    out: Annotated[Path | None, typer.Option(help="Output file (default: submissions/<run>_<auc>.csv).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output file (default: submissions/<run>_<auc>.csv).")]
+    = None,
     run: RunOption = None,
     split: Annotated[str, typer.Option(help="test: the submission; valid: per-row predictions.")] = "test",
     column: Annotated[str, typer.Option(help="Submission column: Task1 | Task2 | Task1&2.")] = "Task2",
-    make_zip: Annotated[bool, typer.Option("--zip", help="Also write <out>.zip with prediction.csv.")] = False,
-    features: Annotated[Path | None, typer.Option(help="Feature folder (default: the one trained on).")] = None,
+    make_zip: Annotated[bool, typer.Option("--zip", help="Also write <out>.zip with prediction.csv.")]
+    = False,
+    features: Annotated[Path | None, typer.Option(help="Feature folder (default: the one trained on).")]
+    = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda (default: the run's).")] = None,
 ) -> None:
     """Write the challenge submission (ID,Task2), validated; or per-row validation predictions."""
@@ -183,8 +187,10 @@ def predict(
 @_user_errors
 def evaluate(
     run: RunOption = None,
-    truth: Annotated[Path | None, typer.Option(help="Generator truth folder (e.g. data/demo/hidden).")] = None,
-    features: Annotated[Path | None, typer.Option(help="Feature folder (default: the one trained on).")] = None,
+    truth: Annotated[Path | None, typer.Option(help="Generator truth folder (e.g. data/demo/hidden).")]
+    = None,
+    features: Annotated[Path | None, typer.Option(help="Feature folder (default: the one trained on).")]
+    = None,
 ) -> None:
     """AUC and logloss on the validation split (and the oracle AUC on generated data)."""
     from qin.predict import evaluate_run, load_run
@@ -220,17 +226,23 @@ def report(
 @app.command()
 @_user_errors
 def embed(
-    source: Annotated[str, typer.Option("--from", help="precomputed (organisers' BERT+CLIP vectors) | content.")]
+    source: Annotated[str, typer.Option("--from",
+                                        help="precomputed (organisers' BERT+CLIP vectors) | content.")]
     = "precomputed",
-    data: Annotated[Path, typer.Option(help="Data folder: item_feature.parquet, MicroLens_1M_x1/, item_images/.")]
+    data: Annotated[Path, typer.Option(help="Data folder: item_feature.parquet, MicroLens_1M_x1/, "
+                                            "item_images/.")]
     = Path("data/demo"),
-    out: Annotated[Path | None, typer.Option(help="Item table to write (default: <data>/item_info_<from>.parquet).")]
+    out: Annotated[Path | None, typer.Option(help="Item table to write "
+                                                  "(default: <data>/item_info_<from>.parquet).")]
     = None,
-    text_model: Annotated[Path | None, typer.Option(help="Local transformers text model (default: bundled MiniLM).")]
+    text_model: Annotated[Path | None, typer.Option(help="Local transformers text model "
+                                                         "(default: bundled MiniLM).")]
     = None,
-    image_model: Annotated[Path | None, typer.Option(help="Local transformers image model folder (e.g. CLIP).")]
+    image_model: Annotated[Path | None, typer.Option(help="Local transformers image model folder "
+                                                          "(e.g. CLIP).")]
     = None,
-    images: Annotated[Path | None, typer.Option(help="Cover images folder (default: <data>/item_images).")] = None,
+    images: Annotated[Path | None, typer.Option(help="Cover images folder (default: <data>/item_images).")]
+    = None,
     text_weight: Annotated[float, typer.Option(help="Weight of the text modality in the fusion.")] = 0.5,
     image_weight: Annotated[float, typer.Option(help="Weight of the image modality in the fusion.")] = 0.5,
     fusion: Annotated[str, typer.Option(help="concat | mean")] = "concat",
@@ -248,11 +260,13 @@ def embed(
         result = embed_from_precomputed(item_feature, item_info, target, dim=dim)
     elif source == "content":
         result = embed_from_content(item_feature, item_info, images, target, text_model=text_model,
-                                    image_model=image_model, text_weight=text_weight, image_weight=image_weight,
-                                    dim=dim, batch_size=batch_size, cache_dir=cache_dir, fusion=Fusion(fusion))
+                                    image_model=image_model, text_weight=text_weight,
+                                    image_weight=image_weight, dim=dim, batch_size=batch_size,
+                                    cache_dir=cache_dir, fusion=Fusion(fusion))
     else:
         raise QinError(f"--from must be precomputed or content, got {source!r}")
-    console.print(f"wrote {result.out}: {result.items} items, PCA keeps {100 * result.explained_variance:.1f}% "
+    console.print(f"wrote {result.out}: {result.items} items, "
+                  f"PCA keeps {100 * result.explained_variance:.1f}% "
                   f"of the variance; missing titles {result.missing_titles}, missing images "
                   f"{result.missing_images} ({result.seconds:.1f} s)")
     console.print(f"use it with: --set data.item_info={result.out}")
@@ -265,7 +279,8 @@ def neighbors(
     k: Annotated[int, typer.Option("-k", help="How many neighbours.")] = 10,
     table: Annotated[Path, typer.Option(help="Item table with item_emb_d128.")]
     = Path("data/demo/MicroLens_1M_x1/item_info.parquet"),
-    data: Annotated[Path | None, typer.Option(help="Data folder with item_feature.parquet (for titles).")] = None,
+    data: Annotated[Path | None, typer.Option(help="Data folder with item_feature.parquet (for titles).")]
+    = None,
 ) -> None:
     """The k nearest items (cosine over the item embedding) with their titles and tags."""
     from qin.embed import neighbors as nearest
@@ -292,7 +307,8 @@ def demo(
     from qin.demo import run_demo
 
     summary = run_demo(size, _load_config(config, overrides), out, console)
-    console.print(f"[bold]validation AUC {summary['valid_auc']:.4f}[/bold]  oracle AUC {summary['oracle_auc']:.4f}"
+    console.print(f"[bold]validation AUC {summary['valid_auc']:.4f}[/bold]  "
+                  f"oracle AUC {summary['oracle_auc']:.4f}"
                   f"  ({100 * summary['valid_auc'] / summary['oracle_auc']:.1f}% of the oracle)")
     console.print(f"submission: {summary['submission']}")
 

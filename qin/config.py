@@ -21,7 +21,7 @@ import yaml
 from qin.errors import QinError
 
 
-class ModelName(str, enum.Enum):
+class ModelName(str, enum.Enum):  # noqa: UP042 - the (str, Enum) form is the agreed public API
     """Every model `qin train` can build; each is a small class in `qin/model/`."""
 
     qin = "qin"  # the published QIN: ASTA + QIN's quadratic tower (reference configuration)
@@ -33,21 +33,22 @@ class ModelName(str, enum.Enum):
     din = "din"  # the organisers' DIN baseline (FuxiCTR DIN_default)
 
 
-class Regularization(str, enum.Enum):
+class Regularization(str, enum.Enum):  # noqa: UP042 - the (str, Enum) form is the agreed public API
     """How the embedding L2 term is computed."""
 
     full = "full"  # reference: lambda/2 * ||W||^2 over the whole tables every step
     batch = "batch"  # cheaper, NOT the reference math: only rows used in the batch (plus W_mm)
 
 
-class MMNormalize(str, enum.Enum):
+class MMNormalize(str, enum.Enum):  # noqa: UP042 - the (str, Enum) form is the agreed public API
     """How the frozen multimodal vectors are scaled before the model sees them."""
 
-    none = "none"  # as stored (the reference: raw PCA outputs, whose top components have std of several units)
+    none = "none"  # as stored (the reference: raw PCA outputs, whose top components have std of
+    #                several units)
     l2 = "l2"  # each item's vector to unit L2 norm (row 0 stays zero)
 
 
-class DeviceChoice(str, enum.Enum):
+class DeviceChoice(str, enum.Enum):  # noqa: UP042 - the (str, Enum) form is the agreed public API
     auto = "auto"  # CUDA when present, else CPU
     cpu = "cpu"
     cuda = "cuda"

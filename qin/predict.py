@@ -55,7 +55,8 @@ def load_run(run_dir: Path, feature_dir: Path | None = None, device: str | None 
     model = build_model(config.model, trained_vocab, item_tables_of(features, config.data.mm_normalize))
     model.load_state_dict(checkpoint["model_state"])
     model.to(chosen).eval()
-    return LoadedRun(run_dir if run_dir.is_dir() else run_dir.parent, config, model, features, chosen, checkpoint)
+    return LoadedRun(run_dir if run_dir.is_dir() else run_dir.parent, config, model, features, chosen,
+                     checkpoint)
 
 
 def _trained_feature_dir(checkpoint: dict[str, Any], config: Config) -> Path:
@@ -72,7 +73,8 @@ def _trained_feature_dir(checkpoint: dict[str, Any], config: Config) -> Path:
 
 def score_split(run: LoadedRun, split: str) -> np.ndarray:
     tensors = SplitTensors.from_arrays(run.features.split(split))
-    return predict_probabilities(run.model, tensors, run.config.train.eval_batch_size, run.device, run.config.train)
+    return predict_probabilities(run.model, tensors, run.config.train.eval_batch_size, run.device,
+                                 run.config.train)
 
 
 def validate_submission(frame: pl.DataFrame, expected_rows: int, column: str) -> None:
@@ -89,10 +91,12 @@ def validate_submission(frame: pl.DataFrame, expected_rows: int, column: str) ->
     values = frame[column].to_numpy()
     bad = np.flatnonzero(~np.isfinite(values) | (values < 0) | (values > 1))
     if bad.size:
-        raise QinError(f"submission {column} must be probabilities in [0, 1]; row {bad[0]} has {values[bad[0]]}")
+        raise QinError(f"submission {column} must be probabilities in [0, 1]; "
+                       f"row {bad[0]} has {values[bad[0]]}")
 
 
-def write_submission(run: LoadedRun, out: Path, column: str = "Task2", make_zip: bool = False) -> dict[str, Any]:
+def write_submission(run: LoadedRun, out: Path, column: str = "Task2",
+                     make_zip: bool = False) -> dict[str, Any]:
     """Score the test split, validate, write `out` (+ `out`.zip, + `out`.json sidecar) atomically."""
     if column not in SUBMISSION_COLUMNS:
         raise QinError(f"--column must be one of {', '.join(SUBMISSION_COLUMNS)}, got {column!r}")

@@ -188,7 +188,8 @@ def fit(cfg: Config, features: FeatureSet, run_dir: Path, resume: bool = False, 
 
     bar = _progress_bar(console, enabled=progress and dist.is_main)
     with bar:
-        task = bar.add_task("train", total=steps_per_epoch, epoch=state.epoch + 1, loss=float("nan"), rate=0.0)
+        task = bar.add_task("train", total=steps_per_epoch, epoch=state.epoch + 1, loss=float("nan"),
+                            rate=0.0)
         while not state.finished and state.epoch < train_cfg.epochs:
             bar.update(task, completed=state.batch_in_epoch, epoch=state.epoch + 1)
             loss_sum, loss_rows, window_rows, window_seconds = 0.0, 0, 0, 0.0
@@ -211,8 +212,8 @@ def fit(cfg: Config, features: FeatureSet, run_dir: Path, resume: bool = False, 
                 at_max_steps = train_cfg.max_steps is not None and state.global_step >= train_cfg.max_steps
                 due = at_epoch_end if eval_every is None else state.global_step % eval_every == 0
                 if due or at_max_steps:
-                    record = _evaluate_and_schedule(model, valid_split, device, cfg, state, optimizer, run_dir,
-                                                    dist, vocab, features, loss_sum / loss_rows,
+                    record = _evaluate_and_schedule(model, valid_split, device, cfg, state, optimizer,
+                                                    run_dir, dist, vocab, features, loss_sum / loss_rows,
                                                     window_rows / window_seconds)
                     window_rows, window_seconds = 0, 0.0
                     evaluations.append(record)
@@ -247,8 +248,8 @@ def fit(cfg: Config, features: FeatureSet, run_dir: Path, resume: bool = False, 
     return result
 
 
-def make_train_step(model: CTRModel, train_model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Config,
-               device: torch.device) -> Callable:
+def make_train_step(model: CTRModel, train_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    cfg: Config, device: torch.device) -> Callable:
     """One optimizer step on a batch; returns the loss (data + regularisers) as a 0-dim tensor."""
     train_cfg = cfg.train
     embedding_ids = {id(p) for p in model.embedding_parameters()}
@@ -316,7 +317,8 @@ def _evaluate_and_schedule(model: CTRModel, valid_split: SplitTensors, device: t
         state.bad_evaluations = 0
         if dist.is_main:
             save_checkpoint(run_dir / "best.pt", {
-                "config": cfg.to_dict(), "vocab": dataclasses.asdict(vocab), "model_state": model.state_dict(),
+                "config": cfg.to_dict(), "vocab": dataclasses.asdict(vocab),
+                "model_state": model.state_dict(),
                 "epoch": state.epoch + 1, "step": state.global_step, "valid_auc": metrics["auc"],
                 "valid_logloss": metrics["logloss"], "feature_dir": str(features.dir),
                 "git_commit": git_commit(),
@@ -333,8 +335,8 @@ def _evaluate_and_schedule(model: CTRModel, valid_split: SplitTensors, device: t
             "best_auc": state.best_auc, "samples_per_second": samples_per_second}
 
 
-def _save_last(run_dir: Path, model: CTRModel, optimizer: torch.optim.Optimizer, cfg: Config, state: LoopState,
-               dist: distributed.Context) -> None:
+def _save_last(run_dir: Path, model: CTRModel, optimizer: torch.optim.Optimizer, cfg: Config,
+               state: LoopState, dist: distributed.Context) -> None:
     if not dist.is_main:
         return
     save_checkpoint(run_dir / "last.pt", {

@@ -69,10 +69,11 @@ def test_predict_writes_a_valid_submission(trained):
 def test_predict_valid_rows_and_evaluate_with_oracle(trained):
     root, _, data = trained
     out = root / "valid.parquet"
-    assert invoke("predict", "--run", str(root / "runs" / "r1"), "--split", "valid", "--out", str(out)).exit_code == 0
+    assert invoke("predict", "--run", str(root / "runs" / "r1"), "--split", "valid",
+                  "--out", str(out)).exit_code == 0
     frame = pl.read_parquet(out)
-    assert frame.columns == ["row", "user_id", "item_id", "likes_level", "views_level", "history_len", "label",
-                             "prediction"]
+    assert frame.columns == ["row", "user_id", "item_id", "likes_level", "views_level", "history_len",
+                             "label", "prediction"]
     assert frame.height == pl.read_parquet(data / "MicroLens_1M_x1" / "valid.parquet").height
     result = invoke("evaluate", "--run", str(root / "runs" / "r1"), "--truth", str(data / "hidden"))
     assert result.exit_code == 0, result.output

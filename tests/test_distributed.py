@@ -34,8 +34,10 @@ def test_shards_together_cover_each_global_batch(rows, batch):
 
 
 def test_split_shard_is_disjoint_and_complete():
-    split = SplitTensors(item_id=torch.arange(11, dtype=torch.int32), history=torch.zeros(11, 3, dtype=torch.int32),
-                         likes_level=torch.ones(11, dtype=torch.int8), views_level=torch.ones(11, dtype=torch.int8),
+    split = SplitTensors(item_id=torch.arange(11, dtype=torch.int32),
+                         history=torch.zeros(11, 3, dtype=torch.int32),
+                         likes_level=torch.ones(11, dtype=torch.int8),
+                         views_level=torch.ones(11, dtype=torch.int8),
                          label=torch.zeros(11))
     parts = [split.shard(r, 3).item_id.tolist() for r in range(3)]
     assert sorted(sum(parts, [])) == list(range(11))

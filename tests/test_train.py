@@ -19,13 +19,15 @@ def test_fit_learns_and_writes_run_files(tiny_data, tiny_features, tmp_path):
     cfg = tiny_config(tiny_data, tmp_path, epochs=4, patience=4)
     result = fit(cfg, load_features(tiny_features), tmp_path / "run", progress=False)
     run = tmp_path / "run"
-    assert {"config.yaml", "metrics.jsonl", "best.pt", "last.pt", "result.json"} <= {p.name for p in run.iterdir()}
+    assert {"config.yaml", "metrics.jsonl", "best.pt", "last.pt", "result.json"} <= {
+        p.name for p in run.iterdir()}
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == result.epochs_run and records[0]["epoch"] == 1
     # tiny data carries a strong planted signal: a few epochs must beat chance clearly
     assert result.valid_auc > 0.6
     assert result.valid_auc == pytest.approx(result.best_auc, abs=1e-9)
-    assert json.loads((tmp_path / "results.jsonl").read_text().splitlines()[-1])["valid_auc"] == result.valid_auc
+    assert (json.loads((tmp_path / "results.jsonl").read_text().splitlines()[-1])["valid_auc"]
+            == result.valid_auc)
 
 
 def test_same_seed_same_result(tiny_data, tiny_features, tmp_path):

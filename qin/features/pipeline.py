@@ -75,7 +75,8 @@ class BuildResult:
 
 
 def feature_dir_for(features_root: Path, raw_dir: Path, max_len: int, item_info: Path | None) -> Path:
-    """Deterministic feature folder for a raw folder and config, e.g. ``features/demo-MicroLens_1M_x1-L32-1a2b3c``.
+    """Deterministic feature folder for a raw folder and config,
+    e.g. ``features/demo-MicroLens_1M_x1-L32-1a2b3c``.
 
     An item_info override adds ``-ii<8 hex>``, a hash of its resolved path and content, so two
     embedding tables built side by side never share (and keep rebuilding) one folder.
