@@ -32,8 +32,8 @@ from qin.synth import (
     _make_rows,
     _make_users,
     _rng,
-    _signals,
     _sigmoid,
+    _signals,
     _split_users,
     expected_auc,
 )
@@ -90,10 +90,11 @@ def main() -> None:
                  dataclasses.replace(prm, gamma=0.0))[0]
         for lo in range(0, rows.user.size, spec.chunk_rows)])
     attention_weight = prm.w_att + prm.w_att_q * q
+    f_position_free = f + attention_weight * (no_recency - rows.s_att)
     table.append(("f with the attention's recency term dropped (what position-free models can see)",
-                  expected_auc(p_true, f + attention_weight * (no_recency - rows.s_att))))
+                  expected_auc(p_true, f_position_free)))
     table.append(("... and without the user bias (valid/test users are unseen in train)",
-                  expected_auc(p_true, f + attention_weight * (no_recency - rows.s_att) - parts["user bias"])))
+                  expected_auc(p_true, f_position_free - parts["user bias"])))
     table.append(("s_att alone", expected_auc(p_true, rows.s_att)))
     table.append(("s_att*q + s_att alone", expected_auc(p_true, parts["s_att"] + parts["s_att*q"])))
     table.append(("popularity alone", expected_auc(p_true, items.pop_z[rows.item])))
