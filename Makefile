@@ -21,6 +21,7 @@ demo: $(STAMP)
 	$(BIN)/qin demo
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
