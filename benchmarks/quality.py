@@ -11,6 +11,7 @@ and prints a markdown table for the README.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from dataclasses import asdict
@@ -24,7 +25,7 @@ from qin.config import Config, ModelName
 from qin.features.io import load_features
 from qin.features.pipeline import build_features, feature_dir_for
 from qin.predict import evaluate_run, load_run
-from qin.synth import DEFAULT_PARAMS, SynthSize, synthesize
+from qin.synth import DEFAULT_PARAMS, SynthSize, _synthesize, params_with
 from qin.train import fit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,15 +55,23 @@ def main() -> None:
     parser.add_argument("--true-latents", action="store_true",
                         help="diagnostic: replace item_emb_d128 by the generator's true item latents v "
                              "(hidden/item_latent.parquet), to separate learning item vectors from the rest")
+    parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                        help="diagnostic: draw the data with this generator parameter changed "
+                             "(e.g. attention=relu); the data go to their own folder")
     args = parser.parse_args()
     console = Console()
     work = Path(args.work)
+    params = params_with(args.param)
+    current_params = json.loads(json.dumps(asdict(params)))
     data_root = work / f"data-{args.size}"
+    if params != DEFAULT_PARAMS:
+        digest = hashlib.sha256(json.dumps(current_params, sort_keys=True).encode()).hexdigest()[:8]
+        data_root = work / f"data-{args.size}-gen{digest}"
     meta_path = data_root / "hidden" / "meta.json"
     # Regenerate when the data were drawn by other generator parameters (an older qin.synth).
-    current_params = json.loads(json.dumps(asdict(DEFAULT_PARAMS)))
     if not meta_path.is_file() or json.loads(meta_path.read_text())["params"] != current_params:
-        synthesize(data_root, SynthSize(args.size), seed=0, images=False)
+        _synthesize(data_root, SynthSize(args.size), seed=0, test_label=False, images=False, progress=True,
+                    prm=params)
     meta = json.loads(meta_path.read_text())
     overrides = [f"data.raw_dir={data_root / 'MicroLens_1M_x1'}", f"data.features_root={work / 'features'}",
                  f"train.run_root={work / 'runs'}", *args.overrides]
@@ -88,7 +97,8 @@ def main() -> None:
         rows.append(row)
         console.print(row)
     record = {"benchmark": "quality", "size": args.size, "config": base.to_dict(), "rows": rows,
-              "generator_auc": meta.get("auc")}
+              "generator_auc": meta.get("auc"), "generator_overrides": args.param,
+              "true_latents": args.true_latents}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"quality_{args.size}{args.tag}.json").write_text(json.dumps(record, indent=2, default=str))
     popularity = meta["auc"]["popularity_valid"]

@@ -36,6 +36,7 @@ from qin.synth import (
     _signals,
     _split_users,
     expected_auc,
+    params_with,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -46,14 +47,9 @@ def main() -> None:
     parser.add_argument("--size", default="small", choices=[s.value for s in SynthSize])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                        help="override one float SynthParams field (to explore the generator)")
+                        help="override one float or str SynthParams field (to explore the generator)")
     args = parser.parse_args()
-    size, prm = SynthSize(args.size), DEFAULT_PARAMS
-    for assignment in args.param:
-        name, _, value = assignment.partition("=")
-        if not isinstance(getattr(DEFAULT_PARAMS, name, None), float):
-            parser.error(f"--param {assignment!r}: {name!r} is not a float field of SynthParams")
-        prm = dataclasses.replace(prm, **{name: float(value)})
+    size, prm = SynthSize(args.size), params_with(args.param)
     spec = SIZES[size]
     # The same calls, in the same order, as qin.synth._build: the rows are those of `qin synth`.
     items = _make_items(spec, prm, args.seed, size)

@@ -47,7 +47,7 @@ import tempfile
 import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -141,6 +141,12 @@ class SynthParams:
     topic_cand_pop_power: float = 0.75  # topic candidates are drawn within the topic ∝ π^power
     tau: float = 0.15
     gamma: float = 0.5
+    # How s_att pools the history. "softmax": the spec's sharp softmax (weights sum to 1). "relu": a
+    # diagnostic alternative shaped like QIN's ASTA, sparse and unnormalised: weight_j = ReLU(<v_t, v_hj> -
+    # relu_threshold) (1 + age_j)^-gamma, s_att = relu_scale * sum_j weight_j <v_t, v_hj>.
+    attention: str = "softmax"
+    relu_threshold: float = 0.5
+    relu_scale: float = 1.0
     # The cross terms must be worth something beyond their main effects: s_att is mostly positive, so
     # s_att·q ≈ mean(s_att)·q + a small true interaction, and an additive model refits the first part.
     # With the earlier 8.0 / 1.0 / 0.8, refitting the signals additively lost only 0.0006 AUC to the oracle
@@ -156,8 +162,33 @@ class SynthParams:
     item_bias_sd: float = 0.3  # w_item[t]: only an item-ID embedding can learn it
     target_rate: float = 0.25  # β0 is bisected so that mean p_true over all rows equals this
 
+    def __post_init__(self) -> None:
+        if self.attention not in ("softmax", "relu"):
+            raise QinError(f"SynthParams.attention must be 'softmax' or 'relu', got {self.attention!r}")
+
 
 DEFAULT_PARAMS = SynthParams()
+
+
+def params_with(assignments: list[str], base: SynthParams = DEFAULT_PARAMS) -> SynthParams:
+    """`base` with NAME=VALUE overrides of its float and str fields (for exploring the generator).
+
+    Raises:
+        QinError: an assignment without '=', an unknown or non-scalar field, or a value of the wrong type.
+    """
+    params = base
+    for assignment in assignments:
+        name, sep, value = assignment.partition("=")
+        default = getattr(base, name, None)
+        if not sep or not isinstance(default, float | str):
+            raise QinError(f"generator parameter {assignment!r}: expected NAME=VALUE with NAME a float or "
+                           "str field of SynthParams")
+        try:
+            params = replace(params, **{name: type(default)(value)})
+        except ValueError:
+            raise QinError(f"generator parameter {assignment!r}: {value!r} is not a "
+                           f"{type(default).__name__}") from None
+    return params
 
 
 @dataclass(frozen=True)
@@ -758,9 +789,13 @@ def _signals(user: np.ndarray, item: np.ndarray, users: _Users, items: _Items,
     slot_item = users.hist_flat[users.hist_off[user][rep] + within]  # (Σ,)
     age = (L[rep] - 1 - within).astype(np.float64)  # 0 = most recent
     sim = np.einsum("ij,ij->i", items.v[item][rep], items.v[slot_item], dtype=np.float64)  # (Σ,)
-    logit = sim / prm.tau - prm.gamma * np.log1p(age)
-    e = np.exp(logit - np.maximum.reduceat(logit, starts)[rep])
-    s_att = np.add.reduceat(e * sim, starts) / np.add.reduceat(e, starts)
+    if prm.attention == "relu":
+        weight = np.maximum(sim - prm.relu_threshold, 0.0) * np.exp(-prm.gamma * np.log1p(age))  # (Σ,)
+        s_att = prm.relu_scale * np.add.reduceat(weight * sim, starts)
+    else:
+        logit = sim / prm.tau - prm.gamma * np.log1p(age)
+        e = np.exp(logit - np.maximum.reduceat(logit, starts)[rep])
+        s_att = np.add.reduceat(e * sim, starts) / np.add.reduceat(e, starts)
     s_rep = np.maximum.reduceat((slot_item == item[rep]).astype(np.float64), starts)
 
     tt = items.tags[item]  # (n, 5)

@@ -12,7 +12,16 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from qin.errors import QinError
-from qin.synth import SIZES, SynthResult, SynthSize, expected_auc, synthesize
+from qin.synth import (
+    DEFAULT_PARAMS,
+    SIZES,
+    SynthResult,
+    SynthSize,
+    _synthesize,
+    expected_auc,
+    params_with,
+    synthesize,
+)
 
 TINY = SIZES[SynthSize.tiny]
 S = TINY.seq_len
@@ -272,3 +281,25 @@ def test_user_errors(tmp_path: Path) -> None:
     with pytest.raises(QinError, match="seed"):
         synthesize(tmp_path / "x", SynthSize.tiny, seed=-1, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "real"]
+
+
+def test_params_with_overrides_and_errors() -> None:
+    params = params_with(["w_att_q=2.5", "attention=relu"])
+    assert (params.w_att_q, params.attention) == (2.5, "relu")
+    assert params_with([]) == DEFAULT_PARAMS
+    for bad in ["w_att_q", "no_such_field=1", "tag_count_p=0.5", "w_att_q=high", "attention=max"]:
+        with pytest.raises(QinError, match="attention|generator parameter"):
+            params_with([bad])
+
+
+def test_relu_attention_changes_only_the_labels(tiny: SynthResult, tmp_path: Path) -> None:
+    """The ReLU-shaped s_att (a diagnostic) keeps every input file and redraws only the clicks."""
+    relu = _synthesize(tmp_path / "relu", SynthSize.tiny, seed=0, test_label=False, images=False,
+                       progress=False, prm=params_with(["attention=relu", "relu_scale=1.4"]))
+    assert relu.meta["params"]["attention"] == "relu"
+    valid = "MicroLens_1M_x1/valid.parquet"
+    features = ["user_id", "item_seq", "item_id", "likes_level", "views_level"]
+    assert pq.read_table(relu.data_dir / valid, columns=features).equals(
+        pq.read_table(tiny.data_dir / valid, columns=features))
+    assert relu.meta["auc"]["oracle_valid"] != tiny.meta["auc"]["oracle_valid"]
+    assert 0.25 - 0.005 <= relu.meta["mean_p_true"]["train"] <= 0.25 + 0.005
