@@ -27,7 +27,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -562,6 +562,15 @@ def _save_atomic(path: Path, array: np.ndarray) -> None:
             os.unlink(tmp)
 
 
+def _cached_vectors(path: Path, n_items: int, encode: Callable[[], np.ndarray]) -> np.ndarray:
+    """The (N, D) vectors cached at `path`, or `encode()`'s, then cached (atomically) for next time."""
+    vectors = _load_cached(path, n_items)
+    if vectors is None:
+        vectors = encode()
+        _save_atomic(path, vectors)
+    return vectors
+
+
 def _load_cached(path: Path, n_items: int) -> np.ndarray | None:
     """A cached (N, D) matrix, or None when absent or unusable (it is then re-encoded and rewritten)."""
     if not path.is_file():
@@ -670,11 +679,8 @@ def embed_from_content(item_feature: Path, item_info: Path, images_dir: Path | N
     if text_dir is not None:
         key = {"v": _CACHE_VERSION, "role": "text", "model": _model_fingerprint(text_dir), "data": data_hash}
         name = _encoder_name(text_dir, "text")
-        path = _cache_path(cache_dir, name, key)
-        vectors = _load_cached(path, n_items)
-        if vectors is None:
-            vectors = _encode_texts(text_dir, titles, batch_size, progress, name.removeprefix("text-"))
-            _save_atomic(path, vectors)
+        vectors = _cached_vectors(_cache_path(cache_dir, name, key), n_items, lambda: _encode_texts(
+            text_dir, titles, batch_size, progress, name.removeprefix("text-")))
         missing_titles = int((~vectors.any(axis=1)).sum())
         parts.append((vectors, text_weight))
     if image_dir is not None:
@@ -685,11 +691,8 @@ def embed_from_content(item_feature: Path, item_info: Path, images_dir: Path | N
         key = {"v": _CACHE_VERSION, "role": "image", "model": _model_fingerprint(image_dir),
                "data": data_hash, "images": _images_fingerprint(paths)}
         name = _encoder_name(image_dir, "image")
-        path = _cache_path(cache_dir, name, key)
-        vectors = _load_cached(path, n_items)
-        if vectors is None:
-            vectors = _encode_images(image_dir, paths, batch_size, progress, name.removeprefix("image-"))
-            _save_atomic(path, vectors)
+        vectors = _cached_vectors(_cache_path(cache_dir, name, key), n_items, lambda: _encode_images(
+            image_dir, paths, batch_size, progress, name.removeprefix("image-")))
         missing_images = int((~vectors.any(axis=1)).sum())
         parts.append((vectors, image_weight))
     if progress:

@@ -167,12 +167,7 @@ def split_checks(n_items: int, seq_len: int | None, has_label: bool) -> list[Che
     checks = [
         Check(USER_ID, "is null", pl.col(USER_ID).is_null()),
         Check(ITEM_SEQ, "is null or an empty list", _null_or(seq.list.len() == 0)),
-        Check(
-            ITEM_SEQ,
-            f"has a length other than {seq_len}, the length of row 0 (all histories share one stored length)",
-            (seq.list.len() != seq_len).fill_null(False) if seq_len is not None else pl.lit(False),
-            seq.list.len(),
-        ),
+        _length_check(ITEM_SEQ, seq_len, "the length of row 0 (all histories share one stored length)"),
         # list.min/max skip nulls; an all-null list gives null, which is not a range error.
         Check(
             ITEM_SEQ,
@@ -203,6 +198,16 @@ def split_checks(n_items: int, seq_len: int | None, has_label: bool) -> list[Che
             Check(LABEL, "is null, NaN or not 0/1", _null_or((label != 0) & (label != 1)), pl.col(LABEL))
         )
     return checks
+
+
+def _length_check(column: str, length: int | None, which: str) -> Check:
+    """Rows whose list in `column` is not `length` long (`which` says where that length comes from).
+
+    length=None (row 0's list is null, reported by another check) flags nothing.
+    """
+    lengths = pl.col(column).list.len()
+    flagged = (lengths != length).fill_null(False) if length is not None else pl.lit(False)
+    return Check(column, f"has a length other than {length}, {which}", flagged, lengths)
 
 
 def id_checks() -> list[Check]:
@@ -239,12 +244,7 @@ def item_info_checks(emb_dim: int | None) -> list[Check]:
         ),
         Check(ITEM_TAGS, "holds a negative tag id", (tags.list.min() < 0).fill_null(False), tags),
         Check(ITEM_EMB, "is null or an empty list", _null_or(emb.list.len() == 0)),
-        Check(
-            ITEM_EMB,
-            f"has a length other than {emb_dim}, the length of row 0",
-            (emb.list.len() != emb_dim).fill_null(False) if emb_dim is not None else pl.lit(False),
-            emb.list.len(),
-        ),
+        _length_check(ITEM_EMB, emb_dim, "the length of row 0"),
         Check(
             ITEM_EMB,
             "holds a null, NaN or infinite value",

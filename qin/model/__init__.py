@@ -9,27 +9,24 @@ from qin.model.layers import CTRModel, Vocab
 from qin.model.qin import QIN, QINMLP, QINNoASTA, QINNoPReLU, QINSoftmax
 from qin.model.qnn_alpha import QNNAlpha
 
-__all__ = ["CTRModel", "DIN", "QIN", "QINMLP", "QINNoASTA", "QINNoPReLU", "QINSoftmax", "QNNAlpha", "Vocab",
-           "build_model"]
+__all__ = ["MODELS", "CTRModel", "DIN", "QIN", "QINMLP", "QINNoASTA", "QINNoPReLU", "QINSoftmax", "QNNAlpha",
+           "Vocab", "build_model"]
+
+
+MODELS: dict[ModelName, type[CTRModel]] = {
+    ModelName.qin: QIN,
+    ModelName.qin_softmax: QINSoftmax,
+    ModelName.qin_no_asta: QINNoASTA,
+    ModelName.qin_mlp: QINMLP,
+    ModelName.qin_no_prelu: QINNoPReLU,
+    ModelName.qnn_alpha: QNNAlpha,
+    ModelName.din: DIN,
+}
 
 
 def build_model(cfg: ModelConfig, vocab: Vocab, items: ItemTables) -> CTRModel:
     """The model named by cfg.name, initialised on CPU (no device move, no optimizer)."""
-    match cfg.name:
-        case ModelName.qin:
-            return QIN(cfg, vocab, items)
-        case ModelName.qin_softmax:
-            return QINSoftmax(cfg, vocab, items)
-        case ModelName.qin_no_asta:
-            return QINNoASTA(cfg, vocab, items)
-        case ModelName.qin_mlp:
-            return QINMLP(cfg, vocab, items)
-        case ModelName.qin_no_prelu:
-            return QINNoPReLU(cfg, vocab, items)
-        case ModelName.qnn_alpha:
-            return QNNAlpha(cfg, vocab, items)
-        case ModelName.din:
-            return DIN(cfg, vocab, items)
-        case _:
-            choices = ", ".join(name.value for name in ModelName)
-            raise ValueError(f"unknown model name {cfg.name!r}; expected one of {choices}")
+    if cfg.name not in MODELS:
+        choices = ", ".join(name.value for name in ModelName)
+        raise ValueError(f"unknown model name {cfg.name!r}; expected one of {choices}")
+    return MODELS[cfg.name](cfg, vocab, items)

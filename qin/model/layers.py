@@ -446,20 +446,30 @@ class QuadraticLayer(nn.Module):
         return y + z
 
 
-class QuadraticTower(nn.Module):
-    """QIN's tower: num_layers QuadraticLayers, then Linear(D, 1). (B, D) -> (B, 1)."""
+class LayerTower(nn.Module):
+    """Width-preserving layers in sequence, then Linear(D, 1): the shape of both quadratic towers.
 
-    def __init__(self, width: int, num_layers: int, num_row: int, dropout: float, batch_norm: bool,
-                 activation: Activation) -> None:
+    (B, D) -> (B, 1). Parameter names (`layers.<i>.*`, `output.*`) are what checkpoints hold.
+    """
+
+    def __init__(self, layers: list[nn.Module], width: int) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(QuadraticLayer(width, num_row, dropout, batch_norm, activation)
-                                    for _ in range(num_layers))
+        self.layers = nn.ModuleList(layers)
         self.output = nn.Linear(width, 1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
             z = layer(z)
         return self.output(z)
+
+
+class QuadraticTower(LayerTower):
+    """QIN's tower: num_layers QuadraticLayers, then Linear(D, 1). (B, D) -> (B, 1)."""
+
+    def __init__(self, width: int, num_layers: int, num_row: int, dropout: float, batch_norm: bool,
+                 activation: Activation) -> None:
+        super().__init__([QuadraticLayer(width, num_row, dropout, batch_norm, activation)
+                          for _ in range(num_layers)], width)
 
 
 class QNNAlphaLayer(nn.Module):
@@ -496,17 +506,10 @@ class QNNAlphaLayer(nn.Module):
         return self.dropout(y + z)  # residual field-major: the reference's permutation when H > 1
 
 
-class QNNAlphaTower(nn.Module):
+class QNNAlphaTower(LayerTower):
     """num_layers QNNAlphaLayers, then Linear(D, 1); no activation/BN outside the branch. (B, D) -> (B, 1)."""
 
     def __init__(self, width: int, field_dim: int, num_layers: int, num_row: int, num_heads: int,
                  dropout: float, batch_norm: bool) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(QNNAlphaLayer(width, field_dim, num_row, num_heads, dropout, batch_norm)
-                                    for _ in range(num_layers))
-        self.output = nn.Linear(width, 1)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            z = layer(z)
-        return self.output(z)
+        super().__init__([QNNAlphaLayer(width, field_dim, num_row, num_heads, dropout, batch_norm)
+                          for _ in range(num_layers)], width)
