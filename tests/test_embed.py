@@ -21,6 +21,7 @@ from qin.embed import (
     l2_normalise,
     neighbors,
     pca_reduce,
+    recipes,
 )
 from qin.errors import QinError
 
@@ -269,8 +270,9 @@ def test_cache_is_reused_across_fusion_and_dim(tiny_models, tmp_path, monkeypatc
         calls["image"] += 1
         return encode_images(*args, **kwargs)
 
-    monkeypatch.setattr(embed, "_encode_texts", spy_texts)
-    monkeypatch.setattr(embed, "_encode_images", spy_images)
+    # embed_from_content (qin/embed/recipes.py) looks the encoders up in its own module: patch them there.
+    monkeypatch.setattr(recipes, "_encode_texts", spy_texts)
+    monkeypatch.setattr(recipes, "_encode_images", spy_images)
     common = {"text_model": bert, "image_model": clip, "cache_dir": tmp_path / "cache", "progress": False}
     first = embed_from_content(feature, info, images, tmp_path / "a.parquet", dim=8, **common)
     second = embed_from_content(feature, info, images, tmp_path / "b.parquet", dim=8, **common)

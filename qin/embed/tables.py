@@ -1,0 +1,107 @@
+"""Reading item_feature / item_info parquet files and writing item tables (row i = item i, row 0 = zeros)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from qin.errors import QinError
+from qin.features.io import ITEM_EMB, ITEM_ID, ITEM_TAGS
+
+ITEM_TITLE = "item_title"
+TXT_EMB = "txt_emb_BERT"  # (768,) frozen BERT vector per item, item_feature.parquet
+IMG_EMB = "img_emb_CLIPRN50"  # (1024,) frozen CLIP-RN50 vector per item, item_feature.parquet
+
+
+def _check_columns(path: Path, columns: Sequence[str]) -> None:
+    """QinError naming the file when it is missing, unreadable, or lacks one of ``columns`` (footer only)."""
+    if not path.is_file():
+        raise QinError(f"{path}: file not found")
+    try:
+        schema = pl.scan_parquet(path).collect_schema()
+    except Exception as exc:  # polars raises several error types for a corrupt footer
+        raise QinError(f"{path}: cannot read as parquet ({exc})") from exc
+    for column in columns:
+        if column not in schema:
+            raise QinError(f"{path}: no column {column!r} (has {', '.join(schema.names())})")
+
+
+def _read_parquet(path: Path, columns: Sequence[str]) -> pl.DataFrame:
+    """Named columns of a parquet file, after `_check_columns`."""
+    _check_columns(path, columns)
+    return pl.read_parquet(path, columns=list(columns))
+
+
+def _read_item_info(path: Path) -> pl.DataFrame:
+    """item_info as a frame sorted by item_id, checked to hold exactly the ids 0..N (row i = item i)."""
+    if not path.is_file():
+        raise QinError(f"{path}: file not found")
+    info = pl.read_parquet(path)
+    for column in (ITEM_ID, ITEM_TAGS):
+        if column not in info.columns:
+            raise QinError(f"{path}: no column {column!r} (has {', '.join(info.columns)})")
+    info = info.sort(ITEM_ID)
+    ids = info[ITEM_ID].to_numpy()
+    if not np.array_equal(ids, np.arange(ids.size)):
+        raise QinError(f"{path}: item_id must be 0..{ids.size - 1} with row 0 = padding (row i = item i)")
+    if ids.size < 2:
+        raise QinError(f"{path}: no items besides the padding row")
+    return info
+
+
+def _item_rows(ids: np.ndarray, n_items: int, path: Path) -> np.ndarray:
+    """Rows (0-based, item i -> i - 1) for item_feature ids, checked to be unique and in 1..N."""
+    if ids.size and (ids.min() < 1 or ids.max() > n_items):
+        raise QinError(f"{path}: item_id outside 1..{n_items} (the ids of item_info)")
+    if np.unique(ids).size != ids.size:
+        raise QinError(f"{path}: duplicate item_id values")
+    return ids.astype(np.int64) - 1
+
+
+def _vector_column(frame: pl.DataFrame, column: str, path: Path) -> np.ndarray:
+    """A list<float> column of equal-length rows as an (rows, width) float32 matrix."""
+    series = frame[column]
+    lengths = series.list.len()
+    if lengths.null_count() or lengths.n_unique() != 1:
+        raise QinError(f"{path}: column {column!r} must hold vectors of one length, no nulls")
+    width = int(lengths[0])
+    return series.cast(pl.Array(pl.Float32, width)).to_numpy().reshape(len(frame), width)
+
+
+def _vector_width(path: Path, column: str) -> int:
+    """Length of the first vector of a list column (reads one row)."""
+    first = pl.scan_parquet(path).select(pl.col(column).first().list.len()).collect().item()
+    if not first:
+        raise QinError(f"{path}: column {column!r} starts with an empty or null vector")
+    return int(first)
+
+
+def _write_item_table(info: pl.DataFrame, item_vectors: np.ndarray, out: Path) -> None:
+    """Write item_info with item_emb_d128 replaced: list<float32>[d], row 0 zeros, other columns kept.
+
+    Args:
+        info: item_info sorted by item_id (N + 1 rows).
+        item_vectors: (N, d) vectors of items 1..N.
+
+    The file is written next to ``out`` under a temporary name and renamed, so a reader never sees a
+    half-written table.
+    """
+    table = np.zeros((item_vectors.shape[0] + 1, item_vectors.shape[1]), dtype=np.float32)  # (N+1, d)
+    table[1:] = item_vectors
+    emb = pl.Series(ITEM_EMB, table).cast(pl.List(pl.Float32))
+    columns = info.columns if ITEM_EMB in info.columns else [*info.columns, ITEM_EMB]
+    frame = info.with_columns(emb).select(columns)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        frame.write_parquet(tmp, compression="zstd")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
