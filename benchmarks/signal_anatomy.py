@@ -4,7 +4,8 @@ The generator knows every row's signals (s_att, s_tag, s_rep, q, popularity, use
 score rows with *parts* of the true logit f and see how far each part alone, or f without it, gets. The
 question it answers for the quality table: how much room is there on this data for what a quadratic
 (cross) tower adds over an additive one? If f without its cross terms ranks rows almost as well as f
-itself, no model can win much by modelling crosses, whatever its architecture.
+itself, no model can win much by modelling crosses, whatever its architecture. The same refit with the
+mean-pooled history match in place of s_att says what target attention is worth over averaging the history.
 
 Scores are compared with the expected AUC against p_true (labels drawn y ~ Bernoulli(p_true), the label
 noise integrated out), over all rows of every split, so the numbers carry no sampling noise from a small
@@ -38,6 +39,8 @@ from qin.synth import (
     expected_auc,
     params_with,
 )
+from qin.synth.items import _Items
+from qin.synth.users import _Users
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -105,6 +108,22 @@ def main() -> None:
                     ("same fit with the two products", with_crosses)):
         fit = LogisticRegression(C=1e4, max_iter=2000).fit(x[train], y[train])
         table.append((name, expected_auc(p_true[held_out], fit.decision_function(x[held_out]))))
+    # What attention is worth over mean pooling, with perfect item vectors: the same fit with s_att replaced
+    # by the mean-pooled match <v_t, mean_j v_hj> (what a model that averages the history can compute
+    # linearly), and with its square and the history length added (some of what an MLP can do with it).
+    mean_match = _mean_pooled_match(rows.user, rows.item, users, items)
+    other = [rows.s_tag, rows.s_rep, q, items.pop_z[rows.item], users.bias[rows.user],
+             items.w_item[rows.item], rows.s_tag * q]
+    log_length = np.log(users.hist_len[rows.user].astype(np.float64))
+    pooled_variants = {
+        "same fit, mean-pooled match in place of s_att": [mean_match, mean_match * q],
+        "... with its square and the history length": [mean_match, mean_match * q, mean_match ** 2,
+                                                        mean_match ** 2 * q, log_length],
+    }
+    for name, extra in pooled_variants.items():
+        x = np.column_stack(other + extra)
+        fit = LogisticRegression(C=1e4, max_iter=3000).fit(x[train], y[train])
+        table.append((name, expected_auc(p_true[held_out], fit.decision_function(x[held_out]))))
     table.append(("oracle on valid+test rows", expected_auc(p_true[held_out], f[held_out])))
 
     record = {"benchmark": "signal_anatomy", "size": size.value, "seed": args.seed, "rows": int(f.size),
@@ -119,6 +138,17 @@ def main() -> None:
     print("| score | expected AUC |\n|---|---|")
     for name, value in table:
         print(f"| {name} | {value:.4f} |")
+
+
+def _mean_pooled_match(user: np.ndarray, item: np.ndarray, users: _Users, items: _Items) -> np.ndarray:
+    """<v_t, mean of the history's v> per row: (n,) float64, over the real history slots only."""
+    length = users.hist_len[user]  # (n,), all >= 1
+    starts = np.cumsum(length) - length
+    row_of_slot = np.repeat(np.arange(user.size), length)  # (Σ L,)
+    within = np.arange(row_of_slot.size) - starts[row_of_slot]
+    slot_item = users.hist_flat[users.hist_off[user][row_of_slot] + within]  # (Σ L,)
+    sim = np.einsum("ij,ij->i", items.v[item][row_of_slot], items.v[slot_item])  # (Σ L,)
+    return np.add.reduceat(sim, starts) / length
 
 
 if __name__ == "__main__":

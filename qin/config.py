@@ -31,6 +31,7 @@ class ModelName(str, enum.Enum):  # noqa: UP042 - the (str, Enum) form is the ag
     qin_no_prelu = "qin_no_prelu"  # ablation: quadratic tower without its PReLU
     qnn_alpha = "qnn_alpha"  # ASTA + the QNN-alpha tower (mid-activation, heads) with Self-Ensemble loss
     din = "din"  # the organisers' DIN baseline (FuxiCTR DIN_default)
+    mean_pool_mlp = "mean_pool_mlp"  # baseline: mean of the history item vectors, then an MLP
 
 
 class Regularization(str, enum.Enum):  # noqa: UP042 - the (str, Enum) form is the agreed public API

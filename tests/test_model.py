@@ -15,6 +15,7 @@ from qin.model import (
     DIN,
     QIN,
     QINMLP,
+    MeanPoolMLP,
     QINNoASTA,
     QINNoPReLU,
     QINSoftmax,
@@ -24,6 +25,7 @@ from qin.model import (
 )
 from qin.model.layers import (
     Activation,
+    MeanPooling,
     QNNAlphaLayer,
     QuadraticLayer,
     SoftmaxTargetAttention,
@@ -109,7 +111,7 @@ def test_tower_widths_with_reference_dims() -> None:
 def test_build_model_covers_every_name() -> None:
     expected = {ModelName.qin: QIN, ModelName.qin_softmax: QINSoftmax, ModelName.qin_no_asta: QINNoASTA,
                 ModelName.qin_mlp: QINMLP, ModelName.qin_no_prelu: QINNoPReLU, ModelName.qnn_alpha: QNNAlpha,
-                ModelName.din: DIN}
+                ModelName.din: DIN, ModelName.mean_pool_mlp: MeanPoolMLP}
     assert set(expected) == set(ModelName)
     batch = make_batch()
     for name, cls in expected.items():
@@ -183,6 +185,24 @@ def test_softmax_asta_hand_computed_and_empty_history() -> None:
     assert p[1].tolist() == [3.0, 4.0]  # nothing to attend to: the residual alone
     p.sum().backward()
     assert torch.isfinite(target.grad).all()
+
+
+def test_mean_pooling_hand_computed_and_target_blind() -> None:
+    pooling = MeanPooling()
+    history = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0], [5.0, 5.0]]] * 2)
+    mask = torch.tensor([[True, True, True, False], [False] * 4])  # row 2: all padding
+    pooled, weights = pooling(torch.zeros(2, 2), history, mask)
+    assert weights[0].tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3, 0.0])
+    assert weights[1].tolist() == [0.0, 0.0, 0.0, 0.0]
+    assert pooled[0].tolist() == pytest.approx([0.0, 0.0])  # (1 + 0 - 1) / 3, (0 + 1 - 1) / 3
+    assert pooled[1].tolist() == [0.0, 0.0]
+    other_target, _ = pooling(torch.randn(2, 2), history, mask)
+    torch.testing.assert_close(other_target, pooled)  # the pooled history does not depend on the target
+    slots = torch.tensor([[0, 1, 2, 3]] * 2)  # history rows as a table of unique items
+    table_pooled, _ = pooling.forward_unique(torch.zeros(2, 2), history[0], slots, mask)
+    torch.testing.assert_close(table_pooled, pooled)
+    model = tiny_model(ModelName.mean_pool_mlp)
+    assert type(model.attention) is MeanPooling and not list(model.attention.parameters())
 
 
 def test_quadratic_layer_chunks_are_summed() -> None:

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from qin.config import ModelName
 from qin.features.io import load_features
 from qin.train import fit
 from tests.conftest import tiny_config
@@ -69,7 +70,7 @@ def test_lr_halves_on_plateau_and_patience_stops(tiny_data, tiny_features, tmp_p
 
 
 def test_max_steps_and_every_model_trains(tiny_data, tiny_features, tmp_path):
-    for name in ["qin", "qin_softmax", "qin_no_asta", "qin_mlp", "qin_no_prelu", "qnn_alpha", "din"]:
+    for name in [model.value for model in ModelName]:
         cfg = tiny_config(tiny_data, tmp_path, max_steps=3).replace("model", name=name)
         result = fit(cfg, load_features(tiny_features), tmp_path / name, progress=False)
         assert result.steps == 3, name

@@ -6,11 +6,11 @@ from qin.batch import ItemTables
 from qin.config import ModelConfig, ModelName
 from qin.model.din import DIN
 from qin.model.layers import CTRModel, Vocab
-from qin.model.qin import QIN, QINMLP, QINNoASTA, QINNoPReLU, QINSoftmax
+from qin.model.qin import QIN, QINMLP, MeanPoolMLP, QINNoASTA, QINNoPReLU, QINSoftmax
 from qin.model.qnn_alpha import QNNAlpha
 
-__all__ = ["MODELS", "CTRModel", "DIN", "QIN", "QINMLP", "QINNoASTA", "QINNoPReLU", "QINSoftmax", "QNNAlpha",
-           "Vocab", "build_model"]
+__all__ = ["MODELS", "CTRModel", "DIN", "MeanPoolMLP", "QIN", "QINMLP", "QINNoASTA", "QINNoPReLU",
+           "QINSoftmax", "QNNAlpha", "Vocab", "build_model"]
 
 
 MODELS: dict[ModelName, type[CTRModel]] = {
@@ -21,6 +21,7 @@ MODELS: dict[ModelName, type[CTRModel]] = {
     ModelName.qin_no_prelu: QINNoPReLU,
     ModelName.qnn_alpha: QNNAlpha,
     ModelName.din: DIN,
+    ModelName.mean_pool_mlp: MeanPoolMLP,
 }
 
 

@@ -326,6 +326,34 @@ class SoftmaxTargetAttention(TargetAttention):
         return torch.softmax(scores, dim=-1) * mask.to(scores.dtype)  # (B, L)
 
 
+class MeanPooling(nn.Module):
+    """Baseline pooling: the plain mean of the real history item vectors, the same for every target.
+
+    No parameters and no target in the weights: this is the "mean-pooled MLP" of demo_data.md, the model
+    target attention is meant to beat, because averaging washes out a sharp match with one past interest.
+    Same interface as TargetAttention, so QIN's encoder runs it unchanged; no residual to the target, which
+    is in z0 already.
+    """
+
+    def forward(self, target: torch.Tensor, history: torch.Tensor,
+                mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Args: target (B, d_i) (unused), history (B, L, d_i), mask (B, L).
+        Returns: mean (B, d_i), weights (B, L)."""
+        weights = self.weights(mask, history.dtype)  # (B, L)
+        return torch.bmm(weights.unsqueeze(1), history).squeeze(1), weights  # (B, d_i)
+
+    def forward_unique(self, target: torch.Tensor, items: torch.Tensor, history_index: torch.Tensor,
+                       mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Args: target (B, d_i), items (U, d_i), history_index (B, L) rows of `items`, mask (B, L)."""
+        return self.forward(target, F.embedding(history_index, items), mask)  # history (B, L, d_i)
+
+    @staticmethod
+    def weights(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """1/n on each of a row's n real slots, 0 on padding; an all-padding row gets all zeros. (B, L)."""
+        real = mask.to(dtype)  # (B, L)
+        return real / real.sum(dim=-1, keepdim=True).clamp(min=1.0)
+
+
 class Dice(nn.Module):
     """FuxiCTR's Dice: p = sigmoid(BN(x)), out = p x + (1 - p) alpha x. (N, width) -> (N, width)."""
 

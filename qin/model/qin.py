@@ -8,8 +8,8 @@ R rows per quadratic layer.
 
 Reference configuration (ModelConfig defaults): 31,244,293 parameters with R = 4, 27,045,893 with R = 3.
 
-Each ablation is a small subclass that overrides one builder (or, for "no ASTA", the encoder): no flags in
-`forward`.
+Each ablation, and the mean-pooled MLP baseline, is a small subclass that overrides one builder (or, for
+"no ASTA", the encoder): no flags in `forward`.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from qin.model.layers import (
     Activation,
     CTRModel,
     FeatureEmbedding,
+    MeanPooling,
     QuadraticTower,
     SoftmaxTargetAttention,
     TargetAttention,
@@ -50,7 +51,7 @@ class QIN(CTRModel):
 
     # -- builders: the one thing an ablation overrides ------------------------------------------------------
 
-    def build_attention(self, item_dim: int, attention_dim: int) -> TargetAttention | None:
+    def build_attention(self, item_dim: int, attention_dim: int) -> TargetAttention | MeanPooling | None:
         return TargetAttention(item_dim, attention_dim)
 
     def build_tower(self, width: int) -> nn.Module:
@@ -94,14 +95,14 @@ class QIN(CTRModel):
 class QINSoftmax(QIN):
     """Ablation: ASTA weights from a softmax over the real history items instead of a ReLU."""
 
-    def build_attention(self, item_dim: int, attention_dim: int) -> TargetAttention | None:
+    def build_attention(self, item_dim: int, attention_dim: int) -> TargetAttention | MeanPooling | None:
         return SoftmaxTargetAttention(item_dim, attention_dim)
 
 
 class QINNoASTA(QIN):
     """Ablation: no attention; the tower sees z0 = [likes ‖ views ‖ v_t] (D = 640 by default)."""
 
-    def build_attention(self, item_dim: int, attention_dim: int) -> TargetAttention | None:
+    def build_attention(self, item_dim: int, attention_dim: int) -> TargetAttention | MeanPooling | None:
         return None
 
     def encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -125,3 +126,11 @@ class QINNoPReLU(QIN):
         cfg = self.cfg
         return QuadraticTower(width, cfg.num_layers, cfg.num_row, cfg.net_dropout, cfg.batch_norm,
                               Activation.identity)
+
+
+class MeanPoolMLP(QINMLP):
+    """Baseline: the mean of the history item vectors in place of ASTA, and an MLP tower (demo_data.md's
+    "plain MLP over [target, mean-pooled history]", with the likes/views fields as every model has them)."""
+
+    def build_attention(self, item_dim: int, attention_dim: int) -> TargetAttention | MeanPooling | None:
+        return MeanPooling()
