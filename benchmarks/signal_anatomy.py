@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--size", default="small", choices=[s.value for s in SynthSize])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                        help="override one float or str SynthParams field (to explore the generator)")
+                        help="override one int, float or str SynthParams field (to explore the generator)")
     args = parser.parse_args()
     size, prm = SynthSize(args.size), params_with(args.param)
     spec = SIZES[size]

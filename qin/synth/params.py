@@ -123,7 +123,7 @@ DEFAULT_PARAMS = SynthParams()
 
 
 def params_with(assignments: list[str], base: SynthParams = DEFAULT_PARAMS) -> SynthParams:
-    """`base` with NAME=VALUE overrides of its float and str fields (for exploring the generator).
+    """`base` with NAME=VALUE overrides of its int, float and str fields (for exploring the generator).
 
     Raises:
         QinError: an assignment without '=', an unknown or non-scalar field, or a value of the wrong type.
@@ -132,9 +132,9 @@ def params_with(assignments: list[str], base: SynthParams = DEFAULT_PARAMS) -> S
     for assignment in assignments:
         name, sep, value = assignment.partition("=")
         default = getattr(base, name, None)
-        if not sep or not isinstance(default, float | str):
-            raise QinError(f"generator parameter {assignment!r}: expected NAME=VALUE with NAME a float or "
-                           "str field of SynthParams")
+        if not sep or not isinstance(default, int | float | str):
+            raise QinError(f"generator parameter {assignment!r}: expected NAME=VALUE with NAME an int, float "
+                           "or str field of SynthParams")
         try:
             params = replace(params, **{name: type(default)(value)})
         except ValueError:
