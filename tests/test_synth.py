@@ -287,7 +287,9 @@ def test_params_with_overrides_and_errors() -> None:
     params = params_with(["w_att_q=2.5", "attention=relu", "d_lat=32"])
     assert (params.w_att_q, params.attention, params.d_lat) == (2.5, "relu", 32)
     assert params_with([]) == DEFAULT_PARAMS
-    for bad in ["w_att_q", "no_such_field=1", "tag_count_p=0.5", "w_att_q=high", "attention=max", "d_lat=1.5"]:
+    bad_assignments = ["w_att_q", "no_such_field=1", "tag_count_p=0.5", "w_att_q=high", "attention=max",
+                       "d_lat=1.5"]
+    for bad in bad_assignments:
         with pytest.raises(QinError, match="attention|generator parameter"):
             params_with([bad])
 
