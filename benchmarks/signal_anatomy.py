@@ -29,6 +29,7 @@ from qin.synth import (
     SIZES,
     SynthSize,
     _bisect_beta0,
+    _history_slots,
     _make_items,
     _make_rows,
     _make_users,
@@ -39,8 +40,6 @@ from qin.synth import (
     expected_auc,
     params_with,
 )
-from qin.synth.items import _Items
-from qin.synth.users import _Users
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -111,7 +110,8 @@ def main() -> None:
     # What attention is worth over mean pooling, with perfect item vectors: the same fit with s_att replaced
     # by the mean-pooled match <v_t, mean_j v_hj> (what a model that averages the history can compute
     # linearly), and with its square and the history length added (some of what an MLP can do with it).
-    mean_match = _mean_pooled_match(rows.user, rows.item, users, items)
+    slots = _history_slots(rows.user, rows.item, users, items)
+    mean_match = np.add.reduceat(slots.sim, slots.starts) / users.hist_len[rows.user]  # (n,)
     other = [rows.s_tag, rows.s_rep, q, items.pop_z[rows.item], users.bias[rows.user],
              items.w_item[rows.item], rows.s_tag * q]
     log_length = np.log(users.hist_len[rows.user].astype(np.float64))
@@ -138,17 +138,6 @@ def main() -> None:
     print("| score | expected AUC |\n|---|---|")
     for name, value in table:
         print(f"| {name} | {value:.4f} |")
-
-
-def _mean_pooled_match(user: np.ndarray, item: np.ndarray, users: _Users, items: _Items) -> np.ndarray:
-    """<v_t, mean of the history's v> per row: (n,) float64, over the real history slots only."""
-    length = users.hist_len[user]  # (n,), all >= 1
-    starts = np.cumsum(length) - length
-    row_of_slot = np.repeat(np.arange(user.size), length)  # (Σ L,)
-    within = np.arange(row_of_slot.size) - starts[row_of_slot]
-    slot_item = users.hist_flat[users.hist_off[user][row_of_slot] + within]  # (Σ L,)
-    sim = np.einsum("ij,ij->i", items.v[item][row_of_slot], items.v[slot_item])  # (Σ L,)
-    return np.add.reduceat(sim, starts) / length
 
 
 if __name__ == "__main__":

@@ -354,6 +354,10 @@ class MeanPooling(nn.Module):
         return real / real.sum(dim=-1, keepdim=True).clamp(min=1.0)
 
 
+# What QIN's encoder pools the history with: the same forward / forward_unique interface.
+HistoryPooling = TargetAttention | MeanPooling
+
+
 class Dice(nn.Module):
     """FuxiCTR's Dice: p = sigmoid(BN(x)), out = p x + (1 - p) alpha x. (N, width) -> (N, width)."""
 

@@ -25,6 +25,7 @@ from qin.model.layers import (
     Activation,
     CTRModel,
     FeatureEmbedding,
+    HistoryPooling,
     MeanPooling,
     QuadraticTower,
     SoftmaxTargetAttention,
@@ -51,7 +52,7 @@ class QIN(CTRModel):
 
     # -- builders: the one thing an ablation overrides ------------------------------------------------------
 
-    def build_attention(self, item_dim: int, attention_dim: int) -> TargetAttention | MeanPooling | None:
+    def build_attention(self, item_dim: int, attention_dim: int) -> HistoryPooling | None:
         return TargetAttention(item_dim, attention_dim)
 
     def build_tower(self, width: int) -> nn.Module:
@@ -95,14 +96,14 @@ class QIN(CTRModel):
 class QINSoftmax(QIN):
     """Ablation: ASTA weights from a softmax over the real history items instead of a ReLU."""
 
-    def build_attention(self, item_dim: int, attention_dim: int) -> TargetAttention | MeanPooling | None:
+    def build_attention(self, item_dim: int, attention_dim: int) -> HistoryPooling | None:
         return SoftmaxTargetAttention(item_dim, attention_dim)
 
 
 class QINNoASTA(QIN):
     """Ablation: no attention; the tower sees z0 = [likes ‖ views ‖ v_t] (D = 640 by default)."""
 
-    def build_attention(self, item_dim: int, attention_dim: int) -> TargetAttention | MeanPooling | None:
+    def build_attention(self, item_dim: int, attention_dim: int) -> HistoryPooling | None:
         return None
 
     def encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -132,5 +133,5 @@ class MeanPoolMLP(QINMLP):
     """Baseline: the mean of the history item vectors in place of ASTA, and an MLP tower (demo_data.md's
     "plain MLP over [target, mean-pooled history]", with the likes/views fields as every model has them)."""
 
-    def build_attention(self, item_dim: int, attention_dim: int) -> TargetAttention | MeanPooling | None:
+    def build_attention(self, item_dim: int, attention_dim: int) -> HistoryPooling | None:
         return MeanPooling()

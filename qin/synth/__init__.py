@@ -75,6 +75,7 @@ from qin.synth.params import (
 )
 from qin.synth.params import _rng as _rng
 from qin.synth.rows import _bisect_beta0 as _bisect_beta0
+from qin.synth.rows import _history_slots as _history_slots
 from qin.synth.rows import _make_rows as _make_rows
 from qin.synth.rows import _raw_logit as _raw_logit
 from qin.synth.rows import _sigmoid as _sigmoid

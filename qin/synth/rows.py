@@ -49,6 +49,30 @@ def _candidates(split_users: list[np.ndarray], split_rows: list[int], users: _Us
     return np.concatenate(s_all), user, item
 
 
+@dataclass(frozen=True)
+class _HistorySlots:
+    """The real history slots of a chunk of rows, flattened row after row (no padding)."""
+
+    starts: np.ndarray  # (n,) index of each row's first slot
+    row: np.ndarray  # (Σ L,) row of each slot
+    item: np.ndarray  # (Σ L,) history item id
+    age: np.ndarray  # (Σ L,) float64, 0 = most recent
+    sim: np.ndarray  # (Σ L,) float64 <v_t, v_h> of the row's target and the slot's item
+
+
+def _history_slots(user: np.ndarray, item: np.ndarray, users: _Users, items: _Items) -> _HistorySlots:
+    """Args: user (n,) user indices, item (n,) target item ids."""
+    n = user.size
+    L = users.hist_len[user]  # (n,) all ≥ 1, so no empty segment in reduceat
+    starts = np.cumsum(L) - L
+    rep = np.repeat(np.arange(n), L)  # (Σ,) row of each slot
+    within = np.arange(rep.size) - starts[rep]
+    slot_item = users.hist_flat[users.hist_off[user][rep] + within]  # (Σ,)
+    age = (L[rep] - 1 - within).astype(np.float64)  # 0 = most recent
+    sim = np.einsum("ij,ij->i", items.v[item][rep], items.v[slot_item], dtype=np.float64)  # (Σ,)
+    return _HistorySlots(starts=starts, row=rep, item=slot_item, age=age, sim=sim)
+
+
 def _signals(user: np.ndarray, item: np.ndarray, users: _Users, items: _Items,
              prm: SynthParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """s_att, s_rep, s_tag for a chunk of rows, over the ragged history slots (no padding is touched).
@@ -59,22 +83,16 @@ def _signals(user: np.ndarray, item: np.ndarray, users: _Users, items: _Items,
     Returns:
         s_att (n,), s_rep (n,), s_tag (n,) float64.
     """
-    n = user.size
-    L = users.hist_len[user]  # (n,) all ≥ 1, so no empty segment in reduceat
-    starts = np.cumsum(L) - L
-    rep = np.repeat(np.arange(n), L)  # (Σ,) row of each slot
-    within = np.arange(rep.size) - starts[rep]
-    slot_item = users.hist_flat[users.hist_off[user][rep] + within]  # (Σ,)
-    age = (L[rep] - 1 - within).astype(np.float64)  # 0 = most recent
-    sim = np.einsum("ij,ij->i", items.v[item][rep], items.v[slot_item], dtype=np.float64)  # (Σ,)
+    slots = _history_slots(user, item, users, items)
+    starts, rep, sim = slots.starts, slots.row, slots.sim
     if prm.attention == "relu":
-        weight = np.maximum(sim - prm.relu_threshold, 0.0) * np.exp(-prm.gamma * np.log1p(age))  # (Σ,)
+        weight = np.maximum(sim - prm.relu_threshold, 0.0) * np.exp(-prm.gamma * np.log1p(slots.age))  # (Σ,)
         s_att = prm.relu_scale * np.add.reduceat(weight * sim, starts)
     else:
-        logit = sim / prm.tau - prm.gamma * np.log1p(age)
+        logit = sim / prm.tau - prm.gamma * np.log1p(slots.age)
         e = np.exp(logit - np.maximum.reduceat(logit, starts)[rep])
         s_att = np.add.reduceat(e * sim, starts) / np.add.reduceat(e, starts)
-    s_rep = np.maximum.reduceat((slot_item == item[rep]).astype(np.float64), starts)
+    s_rep = np.maximum.reduceat((slots.item == item[rep]).astype(np.float64), starts)
 
     tt = items.tags[item]  # (n, 5)
     rt = users.recent_tags[user]  # (n, 25)
