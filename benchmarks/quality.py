@@ -6,6 +6,11 @@ generator's oracle AUC of the same rows beside it. Writes benchmarks/results/qua
 and prints a markdown table for the README.
 
     python benchmarks/quality.py [--size small] [--models qin din ...] [--set train.epochs=8] [--true-latents]
+
+`--suite` runs the data-regime suite instead (benchmarks/suite.py): several data sets from two
+independent generators, the baseline ladder beside every model, test AUC against the oracle.
+
+    python benchmarks/quality.py --suite [--sizes small bench] [--datasets ...] [--models ...] [--seeds 0 1 2]
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -45,6 +51,11 @@ def true_latent_item_info(data_root: Path, work: Path) -> Path:
 
 
 def main() -> None:
+    if "--suite" in sys.argv[1:]:
+        from suite import main as suite_main  # benchmarks/ is on sys.path when run as a script
+
+        suite_main([arg for arg in sys.argv[1:] if arg != "--suite"])
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="small")
     parser.add_argument("--models", nargs="*", default=[m.value for m in ModelName])

@@ -10,6 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
+# Raw likes/views levels are stored shifted by this (raw 0..9 -> 1..10) so that 0 is free for padding;
+# encoded level LEVEL_SHIFT is therefore raw level 0 (see ModelConfig.level_zero).
+LEVEL_SHIFT = 1
+
 
 @dataclass(frozen=True)
 class Batch:

@@ -32,6 +32,7 @@ class ModelName(str, enum.Enum):  # noqa: UP042 - the (str, Enum) form is the ag
     qnn_alpha = "qnn_alpha"  # ASTA + the QNN-alpha tower (mid-activation, heads) with Self-Ensemble loss
     din = "din"  # the organisers' DIN baseline (FuxiCTR DIN_default)
     mean_pool_mlp = "mean_pool_mlp"  # baseline: mean of the history item vectors, then an MLP
+    qin_plus = "qin_plus"  # softmax ASTA + history mean + similarity block, quadratic tower + MLP (best.yaml)
 
 
 class Regularization(str, enum.Enum):  # noqa: UP042 - the (str, Enum) form is the agreed public API
@@ -47,6 +48,22 @@ class MMNormalize(str, enum.Enum):  # noqa: UP042 - the (str, Enum) form is the 
     none = "none"  # as stored (the reference: raw PCA outputs, whose top components have std of
     #                several units)
     l2 = "l2"  # each item's vector to unit L2 norm (row 0 stays zero)
+
+
+class BCEForm(str, enum.Enum):  # noqa: UP042 - the (str, Enum) form is the agreed public API
+    """How the binary cross-entropy of a training step is computed."""
+
+    # The reference: BCE on the float32 sigmoid (F.binary_cross_entropy). Its log terms clamp at -100,
+    # so a row whose sigmoid rounds to exactly 0 or 1 adds a constant and NO gradient.
+    probabilities = "probabilities"
+    logits = "logits"  # BCE-with-logits: numerically stable; every row keeps its gradient
+
+
+class LevelZero(str, enum.Enum):  # noqa: UP042 - the (str, Enum) form is the agreed public API
+    """What the likes/views embeddings do with raw level 0 (a real value in the data)."""
+
+    padding = "padding"  # the reference: level 0 reads the padding row (zero, never trained)
+    embedded = "embedded"  # level 0 gets a trained row of its own, like levels 1..9
 
 
 class DeviceChoice(str, enum.Enum):  # noqa: UP042 - the (str, Enum) form is the agreed public API
@@ -90,6 +107,8 @@ class ModelConfig:
     # Runtime, not math: compute item vectors / key-value projections once per unique item in the
     # batch (fast) or once per history slot (the reference's way). Both give the same logits.
     unique_items: bool = True
+    bce: BCEForm = BCEForm.probabilities  # the reference's loss form; `logits` is the stable one
+    level_zero: LevelZero = LevelZero.padding  # the reference maps raw level 0 to the untrained zero row
 
     def __post_init__(self) -> None:
         positive = {"embedding_dim": self.embedding_dim, "num_layers": self.num_layers,
@@ -125,6 +144,7 @@ class TrainConfig:
     min_lr: float = 1e-6
     min_delta: float = 1e-6  # an evaluation improves when AUC >= best + min_delta
     max_grad_norm: float = 10.0
+    warmup_steps: int = 0  # linear LR ramp over the first N optimizer steps (0 = none, the reference)
     eval_steps: int | None = None  # evaluate every N steps; None = once per epoch
     eval_batch_size: int = 8192  # ASTA gathers (B, L, A) keys and values: 65536 rows would need ~26 GB on CPU
     seed: int = 20242025
@@ -147,7 +167,7 @@ class TrainConfig:
             raise QinError(f"train.eval_steps must be >= 1 or null, got {self.eval_steps}")
         if self.max_steps is not None and self.max_steps < 1:
             raise QinError(f"train.max_steps must be >= 1 or null, got {self.max_steps}")
-        for key in ("embedding_regularizer", "net_regularizer", "min_lr", "max_grad_norm"):
+        for key in ("embedding_regularizer", "net_regularizer", "min_lr", "max_grad_norm", "warmup_steps"):
             if getattr(self, key) < 0:
                 raise QinError(f"train.{key} must be >= 0, got {getattr(self, key)}")
 

@@ -196,6 +196,7 @@ def fit(cfg: Config, features: FeatureSet, run_dir: Path, resume: bool = False, 
             for batch in _epoch_batches(train_split, train_cfg, state, dist):
                 started = time.perf_counter()
                 batch = batch.to(device, non_blocking=True)
+                apply_warmup(optimizer, train_cfg, state.global_step)
                 loss_value = float(step_fn(batch))  # float() waits for the device: honest timings
                 seconds = time.perf_counter() - started
                 state.train_seconds += seconds
@@ -276,6 +277,19 @@ def make_train_step(model: CTRModel, train_model: torch.nn.Module, optimizer: to
         return loss.detach()
 
     return step
+
+
+def apply_warmup(optimizer: torch.optim.Optimizer, train_cfg: TrainConfig, global_step: int) -> None:
+    """Set the LR of step `global_step` (0-based) during the linear warm-up; leave it alone afterwards.
+
+    The ramp owns the LR until it ends (an evaluation inside it does not decay it); plateau decay applies
+    from then on. A pure function of the step, so a resumed run ramps exactly as an uninterrupted one.
+    """
+    if global_step > train_cfg.warmup_steps or train_cfg.warmup_steps == 0:
+        return
+    fraction = min(global_step + 1, train_cfg.warmup_steps) / train_cfg.warmup_steps
+    for group in optimizer.param_groups:
+        group["lr"] = train_cfg.learning_rate * fraction
 
 
 def _epoch_batches(split: SplitTensors, train_cfg: TrainConfig, state: LoopState,

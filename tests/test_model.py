@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qin.batch import Batch, ItemTables
-from qin.config import ModelConfig, ModelName
+from qin.batch import LEVEL_SHIFT, Batch, ItemTables
+from qin.config import BCEForm, LevelZero, ModelConfig, ModelName
 from qin.model import (
     DIN,
     QIN,
@@ -18,6 +18,7 @@ from qin.model import (
     MeanPoolMLP,
     QINNoASTA,
     QINNoPReLU,
+    QINPlus,
     QINSoftmax,
     QNNAlpha,
     Vocab,
@@ -111,7 +112,7 @@ def test_tower_widths_with_reference_dims() -> None:
 def test_build_model_covers_every_name() -> None:
     expected = {ModelName.qin: QIN, ModelName.qin_softmax: QINSoftmax, ModelName.qin_no_asta: QINNoASTA,
                 ModelName.qin_mlp: QINMLP, ModelName.qin_no_prelu: QINNoPReLU, ModelName.qnn_alpha: QNNAlpha,
-                ModelName.din: DIN, ModelName.mean_pool_mlp: MeanPoolMLP}
+                ModelName.din: DIN, ModelName.mean_pool_mlp: MeanPoolMLP, ModelName.qin_plus: QINPlus}
     assert set(expected) == set(ModelName)
     batch = make_batch()
     for name, cls in expected.items():
@@ -347,8 +348,9 @@ def test_determinism(name: ModelName) -> None:
     assert torch.equal(model(batch), first)
 
 
-def test_qnn_alpha_self_ensemble_loss_matches_formula() -> None:
-    model = tiny_model(ModelName.qnn_alpha, net_dropout=0.3).train()
+@pytest.mark.parametrize("form", list(BCEForm))
+def test_qnn_alpha_self_ensemble_loss_matches_formula(form: BCEForm) -> None:
+    model = tiny_model(ModelName.qnn_alpha, net_dropout=0.3, bce=form).train()
     batch = make_batch()
     torch.manual_seed(5)
     loss, logits = model.loss(batch)
@@ -377,13 +379,58 @@ def test_qnn_alpha_self_ensemble_loss_matches_formula() -> None:
     torch.testing.assert_close(loss, F.binary_cross_entropy_with_logits(logits, batch.label))
 
 
-def test_default_loss_is_bce_with_logits() -> None:
-    model = tiny_model(ModelName.qin).eval()
+@pytest.mark.parametrize("form", list(BCEForm))
+def test_loss_forms_agree_away_from_saturation(form: BCEForm) -> None:
+    model = tiny_model(ModelName.qin, bce=form).eval()
     batch = make_batch()
     loss, logits = model.loss(batch)
     torch.testing.assert_close(loss, F.binary_cross_entropy_with_logits(model(batch), batch.label))
     with pytest.raises(ValueError, match="labels"):
         model.loss(dataclasses.replace(batch, label=None))
+
+
+@pytest.mark.parametrize("name", [ModelName.qin, ModelName.din, ModelName.qnn_alpha])
+def test_reference_bce_gives_saturated_rows_no_gradient(name: ModelName) -> None:
+    """A constructed saturated batch: every logit is about +40, half the labels are 0. The reference form
+    (sigmoid, then BCE with logs clamped at -100) charges each wrong row 100 and sends it no gradient;
+    BCE-with-logits charges about 40 and pushes the logits down."""
+    batch = dataclasses.replace(make_batch(rows=16), label=(torch.arange(16) % 2).float())
+    results = {}
+    for form in BCEForm:
+        model = tiny_model(name, bce=form).train()
+        output = model.tower.output if name != ModelName.din else model.dnn.net[-1]
+        with torch.no_grad():
+            output.bias.fill_(40.0)
+        torch.manual_seed(3)
+        loss, logits = model.loss(batch)
+        assert logits.min() > 20  # saturated: float32 sigmoid is exactly 1
+        loss.backward()
+        results[form] = (loss.item(), output.bias.grad.item())
+    reference_loss, reference_grad = results[BCEForm.probabilities]
+    stable_loss, stable_grad = results[BCEForm.logits]
+    # Half the rows at the clamp (100); the SE loss's two distillation terms are 0 (p1 = p2 = pbar = 1).
+    assert reference_loss == pytest.approx(50.0, rel=1e-4)
+    assert reference_grad == 0.0
+    assert 10 < stable_loss < 0.6 * reference_loss and stable_grad > 0.1
+
+
+@pytest.mark.parametrize("level_zero", list(LevelZero))
+def test_level_zero_reads_the_padding_row_in_the_reference(level_zero: LevelZero) -> None:
+    """Encoded level LEVEL_SHIFT is raw level 0: the reference reads the zero padding row, never trained."""
+    model = tiny_model(ModelName.qin, level_zero=level_zero).train()
+    batch = dataclasses.replace(make_batch(), likes_level=torch.full((16,), LEVEL_SHIFT),
+                                views_level=torch.full((16,), LEVEL_SHIFT + 3))
+    fields = model.embedding.fields(batch)  # (B, 2 d_e): likes first
+    likes_part, views_part = fields[:, :8], fields[:, 8:]
+    assert views_part.abs().sum() > 0
+    model.loss(batch)[0].backward()
+    likes_grad = model.embedding.likes.weight.grad
+    if level_zero is LevelZero.padding:
+        assert likes_part.abs().sum() == 0
+        assert likes_grad.abs().sum() == 0  # neither row 0 nor row LEVEL_SHIFT learns anything
+    else:
+        torch.testing.assert_close(likes_part, model.embedding.likes.weight[LEVEL_SHIFT].expand(16, -1))
+        assert likes_grad[LEVEL_SHIFT].abs().sum() > 0 and likes_grad[0].abs().sum() == 0
 
 
 @pytest.mark.parametrize("name", [ModelName.qin, ModelName.din])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from qin.config import ModelName
 from qin.features.io import load_features
@@ -82,3 +83,22 @@ def test_resume_without_checkpoint_is_a_clear_error(tiny_data, tiny_features, tm
 
     with pytest.raises(QinError, match="cannot resume"):
         fit(tiny_config(tiny_data, tmp_path), load_features(tiny_features), tmp_path / "none", resume=True)
+
+
+def test_warmup_ramps_the_learning_rate_then_lets_go() -> None:
+    from qin.config import TrainConfig
+    from qin.train import apply_warmup
+
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.Adam([parameter], lr=1.0)
+    cfg = TrainConfig(learning_rate=0.4, warmup_steps=4)
+    seen = []
+    for step in range(6):
+        apply_warmup(optimizer, cfg, step)
+        seen.append(optimizer.param_groups[0]["lr"])
+        if step == 4:
+            optimizer.param_groups[0]["lr"] = 0.2  # a plateau decay after the ramp must stick
+    assert seen == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.4, 0.2])
+    optimizer.param_groups[0]["lr"] = 1.0
+    apply_warmup(optimizer, TrainConfig(learning_rate=0.4), 0)  # no warm-up: the LR is left alone
+    assert optimizer.param_groups[0]["lr"] == 1.0

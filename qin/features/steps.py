@@ -11,11 +11,11 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
+from qin.batch import LEVEL_SHIFT
 from qin.features.io import ID, ITEM_ID, ITEM_SEQ, LABEL, LIKES_LEVEL, USER_ID, VIEWS_LEVEL
 
-# Levels 0..9 are real values and the model's embedding uses padding_idx=0, so shift by one:
-# encoded 1..10, vocab 11 (0 = padding, never produced here).
-LEVEL_SHIFT = 1
+# Levels 0..9 are real values and the model's embedding uses padding_idx=0, so they are shifted by
+# LEVEL_SHIFT (qin.batch): encoded 1..10, vocab 11 (0 = padding, never produced here).
 LEVEL_VOCAB = 11
 
 

@@ -7,10 +7,11 @@ from qin.config import ModelConfig, ModelName
 from qin.model.din import DIN
 from qin.model.layers import CTRModel, Vocab
 from qin.model.qin import QIN, QINMLP, MeanPoolMLP, QINNoASTA, QINNoPReLU, QINSoftmax
+from qin.model.qin_plus import QINPlus
 from qin.model.qnn_alpha import QNNAlpha
 
 __all__ = ["MODELS", "CTRModel", "DIN", "MeanPoolMLP", "QIN", "QINMLP", "QINNoASTA", "QINNoPReLU",
-           "QINSoftmax", "QNNAlpha", "Vocab", "build_model"]
+           "QINPlus", "QINSoftmax", "QNNAlpha", "Vocab", "build_model"]
 
 
 MODELS: dict[ModelName, type[CTRModel]] = {
@@ -22,6 +23,7 @@ MODELS: dict[ModelName, type[CTRModel]] = {
     ModelName.qnn_alpha: QNNAlpha,
     ModelName.din: DIN,
     ModelName.mean_pool_mlp: MeanPoolMLP,
+    ModelName.qin_plus: QINPlus,
 }
 
 

@@ -29,7 +29,8 @@ class DIN(CTRModel):
         super().__init__()
         self.cfg = cfg
         mm_dim = items.mm_emb.shape[1]
-        self.embedding = FeatureEmbedding(vocab, items, cfg.embedding_dim, mm_out_dim=mm_dim)
+        self.embedding = FeatureEmbedding(vocab, items, cfg.embedding_dim, mm_out_dim=mm_dim,
+                                          level_zero=cfg.level_zero)
         item_dim = self.embedding.items.output_dim  # d_i = 2 d_e + M
         self.attention = DINAttention(item_dim, cfg.din_attention_hidden, attention_activation,
                                       cfg.din_attention_dropout)

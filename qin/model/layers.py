@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qin.batch import Batch, ItemTables
+from qin.batch import LEVEL_SHIFT, Batch, ItemTables
+from qin.config import BCEForm, LevelZero, ModelConfig
 from qin.errors import QinError
 
 
@@ -168,16 +169,30 @@ class ItemEncoder(nn.Module):
 class FeatureEmbedding(nn.Module):
     """Every embedding of a model: likes, views and the item encoder (model.md section 2.1)."""
 
-    def __init__(self, vocab: Vocab, items: ItemTables, embedding_dim: int, mm_out_dim: int) -> None:
+    def __init__(self, vocab: Vocab, items: ItemTables, embedding_dim: int, mm_out_dim: int,
+                 level_zero: LevelZero) -> None:
         super().__init__()
         self.likes = nn.Embedding(vocab.levels, embedding_dim, padding_idx=0)
         self.views = nn.Embedding(vocab.levels, embedding_dim, padding_idx=0)
         self.items = ItemEncoder(vocab, items, embedding_dim, mm_out_dim)
         self.fields_dim = 2 * embedding_dim
+        self.level_zero = level_zero
 
     def fields(self, batch: Batch) -> torch.Tensor:
         """x_other = [E_like[likes] ‖ E_view[views]]: (B,) x 2 -> (B, 2 d_e)."""
-        return torch.cat([self.likes(batch.likes_level), self.views(batch.views_level)], dim=-1)
+        return torch.cat([self.likes(self.level_rows(batch.likes_level)),
+                          self.views(self.level_rows(batch.views_level))], dim=-1)
+
+    def level_rows(self, level: torch.Tensor) -> torch.Tensor:
+        """Embedding rows of encoded levels (B,) -> (B,).
+
+        The reference's level vocabulary gives raw level 0 index 0, its padding row: a zero vector that
+        never trains. `LevelZero.padding` reproduces that (encoded level LEVEL_SHIFT, raw 0, reads row 0);
+        `embedded` keeps the shifted encoding, so raw 0 trains a row of its own.
+        """
+        if self.level_zero is LevelZero.padding:
+            return level.masked_fill(level == LEVEL_SHIFT, 0)
+        return level
 
     def regularized_parameters(self) -> list[nn.Parameter]:
         """What the embedding L2 covers: all four tables and W_mm (model.md section 2.5)."""
@@ -218,10 +233,12 @@ class CTRModel(nn.Module, metaclass=abc.ABCMeta):
     def forward(self, batch: Batch) -> torch.Tensor:
         """Logits (B,), no sigmoid."""
 
+    cfg: ModelConfig
+
     def loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean BCE-with-logits against batch.label, logits (B,)). BCE is always computed in float32."""
+        """(mean BCE against batch.label in the form cfg.bce, logits (B,)). Always computed in float32."""
         logits = self(batch)
-        return F.binary_cross_entropy_with_logits(logits.float(), batch_labels(batch)), logits
+        return binary_cross_entropy(logits, batch_labels(batch), self.cfg.bce), logits
 
     def embedding_parameters(self) -> list[nn.Parameter]:
         return self.embedding.regularized_parameters()
@@ -233,6 +250,23 @@ class CTRModel(nn.Module, metaclass=abc.ABCMeta):
     def attention_weights(self, batch: Batch) -> torch.Tensor | None:
         """Attention weight per history slot (B, L), or None for a model without attention."""
         return None
+
+
+def binary_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, form: BCEForm) -> torch.Tensor:
+    """Mean BCE of logits (B,) against targets (B,) in [0, 1], in float32.
+
+    `probabilities` is the reference's: BCE of the float32 sigmoid, whose logs torch clamps at -100, so a
+    row whose sigmoid rounds to exactly 1 (logit above about 17) or 0 (below about -88) adds a bounded
+    constant and no gradient. `logits` is the log-sum-exp form, exact for every logit.
+    """
+    logits = logits.float()
+    match form:
+        case BCEForm.probabilities:
+            return F.binary_cross_entropy(torch.sigmoid(logits), targets)
+        case BCEForm.logits:
+            return F.binary_cross_entropy_with_logits(logits, targets)
+        case _:
+            assert_never(form)
 
 
 def batch_labels(batch: Batch) -> torch.Tensor:

@@ -43,7 +43,7 @@ class QIN(CTRModel):
         self.cfg = cfg
         d_e = cfg.embedding_dim
         # The multimodal part is projected to d_e, so an item vector is 3 fields of width d_e.
-        self.embedding = FeatureEmbedding(vocab, items, d_e, mm_out_dim=d_e)
+        self.embedding = FeatureEmbedding(vocab, items, d_e, mm_out_dim=d_e, level_zero=cfg.level_zero)
         item_dim = self.embedding.items.output_dim  # d_i = 3 d_e
         self.attention = self.build_attention(item_dim, cfg.attention_dim or 2 * item_dim)
         width = self.embedding.fields_dim + item_dim + (item_dim if self.attention is not None else 0)

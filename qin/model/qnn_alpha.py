@@ -11,13 +11,15 @@ Everything before the tower is QIN's (this class inherits it); only the tower an
 from __future__ import annotations
 
 import math
+from typing import assert_never
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from qin.batch import Batch
-from qin.model.layers import QNNAlphaTower, batch_labels
+from qin.config import BCEForm
+from qin.model.layers import QNNAlphaTower, batch_labels, binary_cross_entropy
 from qin.model.qin import QIN
 
 
@@ -35,7 +37,8 @@ class QNNAlpha(QIN):
         Train mode: the embedding/attention part runs ONCE, the tower TWICE (different dropout masks):
             p1, p2 = sigmoid(logit1), sigmoid(logit2);  pbar = (p1 + p2) / 2
             loss = BCE(pbar, y) + BCE(p1, sg(pbar)) + BCE(p2, sg(pbar))      (sg = stop-gradient)
-        Computed in log space in float32 (same value as BCE on probabilities, without its log clamp).
+        With cfg.bce = probabilities this is the reference's code: BCE on float32 probabilities, logs
+        clamped at -100. With `logits` the same value is computed in log space, without the clamp.
 
         Returns: (loss scalar, logits (B,)); in train mode the logits are logit(pbar), the ensemble's.
         """
@@ -43,14 +46,25 @@ class QNNAlpha(QIN):
         z, _ = self.encode(batch)  # (B, D)
         if not self.training:
             logits = self.tower(z).squeeze(-1)  # (B,)
-            return F.binary_cross_entropy_with_logits(logits.float(), labels), logits
+            return binary_cross_entropy(logits, labels, self.cfg.bce), logits
         logit1 = self.tower(z).squeeze(-1).float()  # (B,)
         logit2 = self.tower(z).squeeze(-1).float()  # (B,)
         # log pbar = log((sigmoid(l1) + sigmoid(l2)) / 2), and log(1 - pbar) likewise with -l.
         log_pbar = torch.logaddexp(F.logsigmoid(logit1), F.logsigmoid(logit2)) - math.log(2.0)  # (B,)
         log_1m_pbar = torch.logaddexp(F.logsigmoid(-logit1), F.logsigmoid(-logit2)) - math.log(2.0)  # (B,)
-        ensemble = -(labels * log_pbar + (1 - labels) * log_1m_pbar).mean()
-        soft_target = log_pbar.exp().detach()  # sg(pbar) (B,)
-        distill = (F.binary_cross_entropy_with_logits(logit1, soft_target)
-                   + F.binary_cross_entropy_with_logits(logit2, soft_target))
-        return ensemble + distill, log_pbar - log_1m_pbar  # logit(pbar) (B,)
+        ensemble_logits = log_pbar - log_1m_pbar  # logit(pbar) (B,)
+        match self.cfg.bce:
+            case BCEForm.probabilities:
+                p1, p2 = torch.sigmoid(logit1), torch.sigmoid(logit2)  # (B,) each
+                p_bar = (p1 + p2) / 2  # (B,)
+                soft_target = p_bar.detach()
+                loss = (F.binary_cross_entropy(p_bar, labels) + F.binary_cross_entropy(p1, soft_target)
+                        + F.binary_cross_entropy(p2, soft_target))
+            case BCEForm.logits:
+                ensemble = -(labels * log_pbar + (1 - labels) * log_1m_pbar).mean()
+                soft_target = log_pbar.exp().detach()  # sg(pbar) (B,)
+                loss = (ensemble + F.binary_cross_entropy_with_logits(logit1, soft_target)
+                        + F.binary_cross_entropy_with_logits(logit2, soft_target))
+            case _:
+                assert_never(self.cfg.bce)
+        return loss, ensemble_logits

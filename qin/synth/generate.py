@@ -84,7 +84,7 @@ def _split_users(spec: SizeSpec) -> list[np.ndarray]:
 
 
 def synthesize(out_dir: Path, size: SynthSize, seed: int = 0, test_label: bool = False, images: bool = True,
-               progress: bool = True) -> SynthResult:
+               progress: bool = True, params: SynthParams = DEFAULT_PARAMS) -> SynthResult:
     """Generate a demo data set with the challenge's layout and a known best-possible AUC.
 
     Args:
@@ -95,6 +95,7 @@ def synthesize(out_dir: Path, size: SynthSize, seed: int = 0, test_label: bool =
         test_label: also write a constant 0.0 `label` column into test.parquet.
         images: write item_images/<item_id>.jpg (32x32 covers). Skipping saves time for large sizes.
         progress: show a rich progress bar over the stages.
+        params: the generator's parameters (DEFAULT_PARAMS: the tuned ones; `params_with` changes some).
 
     Returns:
         SynthResult(data_dir=out_dir, hidden_dir=out_dir/"hidden", meta=<the dict written to meta.json>).
@@ -107,7 +108,7 @@ def synthesize(out_dir: Path, size: SynthSize, seed: int = 0, test_label: bool =
     except ValueError:
         raise QinError(f"synth: unknown size {size!r}; choose one of "
                        f"{', '.join(s.value for s in SynthSize)}") from None
-    return _synthesize(Path(out_dir), size, seed, test_label, images, progress, DEFAULT_PARAMS)
+    return _synthesize(Path(out_dir), size, seed, test_label, images, progress, params)
 
 
 def _synthesize(out_dir: Path, size: SynthSize, seed: int, test_label: bool, images: bool, progress: bool,

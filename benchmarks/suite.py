@@ -1,0 +1,239 @@
+"""The data-regime suite: every model beside the baseline ladder on data sets from two generators.
+
+    python benchmarks/quality.py --suite [--sizes small bench] [--datasets synth logs ...]
+                                         [--models mean_pool_mlp qin best ...] [--seeds 0 1 2]
+    python benchmarks/quality.py --suite --report        # tables from the stored results only
+
+Data sets (`SUITE`): `qin synth` at several knob settings and `qin synth --process logs`, an independent
+generator with long-tail items, id-only co-occurrence, weak content vectors, drifting interests, label
+noise and short histories. Each is drawn once per size (seed 0) under benchmarks/work/suite/.
+
+Every model trains with the same budget (configs/budget.yaml with `model.name` set; `best` is
+configs/best.yaml at the same sizes), selects its checkpoint on validation AUC, and is scored on the
+TEST split, whose labels and true click probabilities the generator keeps in hidden/: so the reported
+AUC is not the one the checkpoint was picked on. Beside it: the oracle's test AUC, the lift over chance
+as a share of the oracle's, (AUC - .5) / (oracle - .5), test logloss against the base rate's, epochs and
+seconds. The baseline ladder (qin/baselines.py) is fitted on train and scored on the same test rows.
+
+Results accumulate in benchmarks/results/suite/<data set>_<size>.json (one record per model and seed,
+keyed by the run's config, so an interrupted suite resumes where it stopped) and the tables go to
+benchmarks/results/suite.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+from benchlib import write_json
+from rich.console import Console
+
+from qin.baselines import fit_ladder
+from qin.config import Config
+from qin.features.io import load_features
+from qin.features.pipeline import build_features, feature_dir_for
+from qin.metrics import auc, logloss
+from qin.predict import load_run, score_split
+from qin.synth import SynthSize, params_with, synthesize
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "benchmarks" / "work" / "suite"
+RESULTS = ROOT / "benchmarks" / "results" / "suite"
+BUDGET = ROOT / "configs" / "budget.yaml"
+BEST = ROOT / "configs" / "best.yaml"
+
+
+@dataclass(frozen=True)
+class DataSet:
+    name: str
+    process: str  # "demo" (qin synth) or "logs" (qin.loggen)
+    params: tuple[str, ...]  # generator overrides NAME=VALUE
+    what: str
+
+
+SUITE = [
+    DataSet("synth", "demo", (), "qin synth defaults: sharp softmax-shaped interest match, 16-d latents"),
+    DataSet("synth_relu", "demo", ("attention=relu", "relu_scale=1.4"),
+            "qin synth with ASTA-shaped (ReLU, unnormalised) attention in the click logit"),
+    DataSet("synth_dlat64", "demo", ("d_lat=64",), "qin synth with 64-d item latents"),
+    DataSet("logs", "logs", (), "the second generator: log-like data (long tail, cold items, id-only "
+            "co-occurrence, weak content, drifting interests, label noise, short histories)"),
+]
+MODELS = ["mean_pool_mlp", "qin", "din", "qnn_alpha", "best"]
+SIZES = ["small", "bench"]
+
+
+def model_config(model: str, raw_dir: Path, seed: int) -> Config:
+    """The suite's config of one model: the common budget, or best.yaml at the budget's sizes."""
+    paths = [f"data.raw_dir={raw_dir}", f"data.features_root={WORK / 'features'}",
+             f"train.run_root={WORK / 'runs'}", f"train.seed={seed}"]
+    if model == "best":
+        return Config.from_yaml(BEST, paths)
+    return Config.from_yaml(BUDGET, [*paths, f"model.name={model}"])
+
+
+def draw(dataset: DataSet, size: str, console: Console) -> Path:
+    """The data set's folder (drawn once; redrawn when the generator's recorded parameters differ)."""
+    digest = hashlib.sha256(json.dumps([dataset.process, dataset.params]).encode()).hexdigest()[:8]
+    root = WORK / "data" / f"{dataset.name}-{size}-{digest}"
+    meta_path = root / "hidden" / "meta.json"
+    if dataset.process == "demo":
+        params = params_with(list(dataset.params))
+        wanted = json.loads(json.dumps(asdict(params)))
+        if not meta_path.is_file() or json.loads(meta_path.read_text())["params"] != wanted:
+            console.log(f"drawing {dataset.name} {size}")
+            synthesize(root, SynthSize(size), seed=0, images=False, progress=False, params=params)
+    else:
+        from qin.loggen import LogSize, generate_logs, log_params_with
+
+        params = log_params_with(list(dataset.params))
+        wanted = json.loads(json.dumps(asdict(params)))
+        if not meta_path.is_file() or json.loads(meta_path.read_text())["params"] != wanted:
+            console.log(f"drawing {dataset.name} {size}")
+            generate_logs(root, LogSize(size), seed=0, params=params, progress=False)
+    return root
+
+
+def test_truth(data_root: Path, test_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and p_true of the test rows, in the feature folder's row order (by ID)."""
+    truth = pl.read_parquet(data_root / "hidden" / "test_truth.parquet").sort("ID")
+    ids = truth["ID"].to_numpy()
+    position = np.searchsorted(ids, test_ids)
+    if not np.array_equal(ids[position], test_ids):
+        raise ValueError(f"{data_root}: test IDs of the features and of hidden/test_truth.parquet differ")
+    return truth["label"].to_numpy()[position].astype(np.float64), truth["p_true"].to_numpy()[position]
+
+
+def config_key(cfg: Config) -> str:
+    """What makes two runs the same measurement: the config without its paths."""
+    plain = cfg.to_dict()
+    for section, key in (("data", "raw_dir"), ("data", "features_root"), ("train", "run_root")):
+        plain[section].pop(key)
+    return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def run_one(dataset: DataSet, size: str, models: list[str], seeds: list[int], console: Console) -> None:
+    from qin.train import fit
+
+    data_root = draw(dataset, size, console)
+    meta = json.loads((data_root / "hidden" / "meta.json").read_text())
+    result_path = RESULTS / f"{dataset.name}_{size}.json"
+    record: dict[str, Any] = json.loads(result_path.read_text()) if result_path.is_file() else {"runs": []}
+    raw_dir = data_root / "MicroLens_1M_x1"
+    base = model_config("qin", raw_dir, 0)
+    feature_dir = feature_dir_for(Path(base.data.features_root), raw_dir, base.data.max_len, None)
+    built = build_features(raw_dir, feature_dir, base.data.max_len, progress=False)
+    features = load_features(built.feature_dir)
+    labels, p_true = test_truth(data_root, np.asarray(features.split("test").ids))
+    base_rate = float(np.asarray(features.split("train").label).mean())
+    record.update({
+        "dataset": dataset.name, "size": size, "what": dataset.what, "process": dataset.process,
+        "generator_params": list(dataset.params), "max_len": base.data.max_len,
+        "rows": {split: int(np.asarray(features.split(split).item_id).size)
+                 for split in ("train", "valid", "test")},
+        "oracle_test_auc": auc(labels, p_true), "oracle_valid_auc": meta["auc"]["oracle_valid"],
+        "oracle_test_logloss": logloss(labels, p_true),
+        "base_rate_test_logloss": logloss(labels, np.full(labels.size, base_rate)),
+        "baselines": [{"name": b.name.value, "test_auc": b.auc, "test_logloss": b.logloss}
+                      for b in fit_ladder(features, "test", labels)],
+    })
+    write_json(result_path, record)
+    for model in models:
+        for seed in seeds:
+            cfg = model_config(model, raw_dir, seed)
+            key = config_key(cfg)
+            if any(r["model"] == model and r["seed"] == seed and r["config_key"] == key
+                   for r in record["runs"]):
+                continue
+            run_dir = WORK / "runs" / f"{dataset.name}-{size}" / f"{model}-s{seed}"
+            started = time.perf_counter()
+            result = fit(cfg, features, run_dir, console=console, progress=False)
+            seconds = time.perf_counter() - started
+            loaded = load_run(run_dir)
+            probabilities = score_split(loaded, "test")
+            train_losses = [e["train_loss"] for e in result.evaluations]
+            row = {"model": model, "seed": seed, "config_key": key, "valid_auc": result.valid_auc,
+                   "test_auc": auc(labels, probabilities), "test_logloss": logloss(labels, probabilities),
+                   "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+                   "max_train_loss": max(train_losses), "seconds": round(seconds, 1),
+                   "parameters": sum(p.numel() for p in loaded.model.parameters())}
+            record["runs"] = [r for r in record["runs"] if not (r["model"] == model and r["seed"] == seed)]
+            record["runs"].append(row)
+            write_json(result_path, record)
+            console.log(f"{dataset.name} {size} {model} seed {seed}: test AUC {row['test_auc']:.4f} "
+                        f"(oracle {record['oracle_test_auc']:.4f}) in {row['seconds']} s")
+
+
+def lift(value: float, oracle: float) -> float:
+    return (value - 0.5) / (oracle - 0.5)
+
+
+def report() -> str:
+    """Markdown tables from every stored result: AUCs (mean over seeds, with spread), lift, logloss."""
+    lines = ["| data set | size | oracle | popularity | LR 2 | LR 2 + levels | "
+             + " | ".join(MODELS) + " | best: lift | best − LR 2+lv | best logloss / base rate |",
+             "|---|---|---|---|---|---|" + "---|" * len(MODELS) + "---|---|---|"]
+    for dataset in SUITE:
+        for size in SIZES:
+            path = RESULTS / f"{dataset.name}_{size}.json"
+            if not path.is_file():
+                continue
+            record = json.loads(path.read_text())
+            oracle = record["oracle_test_auc"]
+            ladder = {b["name"]: b["test_auc"] for b in record["baselines"]}
+            cells = [dataset.name, size, f"{oracle:.4f}", f"{ladder['popularity']:.4f}",
+                     f"{ladder['lr_2']:.4f}", f"{ladder['lr_2_levels']:.4f}"]
+            for model in MODELS:
+                runs = [r for r in record["runs"] if r["model"] == model]
+                if not runs:
+                    cells.append("")
+                    continue
+                aucs = [r["test_auc"] for r in runs]
+                spread = f" ±{(max(aucs) - min(aucs)) / 2:.4f} ({len(aucs)})" if len(aucs) > 1 else ""
+                cells.append(f"{statistics.mean(aucs):.4f}{spread}")
+            best = [r for r in record["runs"] if r["model"] == "best"]
+            if best:
+                mean_auc = statistics.mean(r["test_auc"] for r in best)
+                mean_logloss = statistics.mean(r["test_logloss"] for r in best)
+                cells += [f"{100 * lift(mean_auc, oracle):.1f}%",
+                          f"{mean_auc - max(ladder['lr_2'], ladder['lr_2_levels']):+.4f}",
+                          f"{mean_logloss:.4f} / {record['base_rate_test_logloss']:.4f}"]
+            else:
+                cells += ["", "", ""]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="the data-regime quality suite")
+    parser.add_argument("--sizes", nargs="*", default=SIZES, choices=SIZES)
+    parser.add_argument("--datasets", nargs="*", default=[d.name for d in SUITE],
+                        choices=[d.name for d in SUITE])
+    parser.add_argument("--models", nargs="*", default=MODELS, choices=MODELS)
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0])
+    parser.add_argument("--report", action="store_true", help="only print the tables of stored results")
+    args = parser.parse_args(argv)
+    console = Console()
+    if not args.report:
+        for size in args.sizes:
+            for dataset in SUITE:
+                if dataset.name in args.datasets:
+                    run_one(dataset, size, args.models, args.seeds, console)
+    table = report()
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    (RESULTS.parent / "suite.md").write_text(
+        "Test AUC (mean over seeds ± half the range, (number of seeds)); generated by "
+        "`python benchmarks/quality.py --suite --report`.\n\n" + table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
