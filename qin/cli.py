@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -53,16 +54,30 @@ def _run_dir_or_latest(run: Path | None, config: Config | None = None) -> Path:
     return latest_run_dir(Path(config.train.run_root if config else "runs"))
 
 
+class SynthProcess(str, Enum):  # noqa: UP042 - the (str, Enum) form is what typer lists as choices
+    """Which generator `qin synth` runs."""
+
+    demo = "demo"  # qin.synth: the demo process (images, item_feature.parquet, ...)
+    logs = "logs"  # qin.loggen: a log-like process (long tail, cold items, series, drifting interests)
+
+
 @app.command()
 @_user_errors
 def synth(
-    size: Annotated[str, typer.Option(help="tiny | small | bench | full")] = "small",
+    size: Annotated[str, typer.Option(help="tiny | small | bench | full (logs: tiny | small | bench)")]
+    = "small",
     out: Annotated[Path, typer.Option(help="Output folder (data set + hidden/ truth).")] = Path("data/demo"),
     seed: Annotated[int, typer.Option(help="Random seed; the same seed writes the same data.")] = 0,
     test_label: Annotated[bool, typer.Option(help="Give test.parquet a constant 0 label column.")] = False,
     images: Annotated[bool, typer.Option(help="Write small cover images.")] = True,
+    process: Annotated[SynthProcess, typer.Option(help="demo: qin.synth's process; logs: the log-like one "
+                                                       "(no images, no item_feature.parquet).")]
+    = SynthProcess.demo,
 ) -> None:
     """Generate a demo data set with the challenge's layout and a known oracle AUC."""
+    if process is SynthProcess.logs:
+        _synth_logs(size, out, seed, test_label)
+        return
     from qin.synth import SynthSize, synthesize
 
     try:
@@ -73,6 +88,23 @@ def synth(
     result = synthesize(out, chosen, seed=seed, test_label=test_label, images=images)
     meta = result.meta
     console.print(f"wrote {result.data_dir} (truth in {result.hidden_dir})")
+    console.print(f"oracle AUC (valid) {meta['auc']['oracle_valid']:.4f}; popularity alone "
+                  f"{meta['auc']['popularity_valid']:.4f}")
+
+
+def _synth_logs(size: str, out: Path, seed: int, test_label: bool) -> None:
+    """`qin synth --process logs`: the log-like generator, same files and the same two lines."""
+    from qin.loggen import LogSize, generate_logs
+
+    try:
+        chosen = LogSize(size)
+    except ValueError:
+        raise QinError(f"--process logs: --size must be one of {', '.join(s.value for s in LogSize)}; "
+                       f"got {size!r}") from None
+    if test_label:
+        raise QinError("--process logs writes test.parquet without a label column; drop --test-label")
+    meta = generate_logs(out, chosen, seed=seed)
+    console.print(f"wrote {out} (truth in {out / 'hidden'})")
     console.print(f"oracle AUC (valid) {meta['auc']['oracle_valid']:.4f}; popularity alone "
                   f"{meta['auc']['popularity_valid']:.4f}")
 

@@ -1,0 +1,119 @@
+"""Parquet writers (the challenge's layout, as `qin synth` writes it) and the safe install of the output."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from qin.errors import QinError
+from qin.loggen.items import TAGS_PER_ITEM, ItemTruth
+from qin.loggen.rows import Rows
+from qin.loggen.timelines import Timelines, padded_histories
+
+DATA_SUBDIR = "MicroLens_1M_x1"
+HIDDEN_SUBDIR = "hidden"
+GENERATOR_NAME = "loggen"
+OUTPUTS = (DATA_SUBDIR, HIDDEN_SUBDIR)  # everything generate_logs writes into out_dir
+
+_ROW_FIELDS = [
+    pa.field("user_id", pa.int64()),
+    pa.field("item_seq", pa.list_(pa.int64())),
+    pa.field("item_id", pa.int64()),
+    pa.field("likes_level", pa.int64()),
+    pa.field("views_level", pa.int64()),
+]
+
+
+def fixed_list_array(flat: np.ndarray, width: int, value_type: pa.DataType) -> pa.Array:
+    """A plain list<value_type> array of rows of fixed ``width`` from a flat buffer (n*width,)."""
+    fixed = pa.FixedSizeListArray.from_arrays(pa.array(flat, type=value_type), width)
+    return fixed.cast(pa.list_(value_type))
+
+
+def write_split(path: Path, idx: np.ndarray, labels: np.ndarray | None, with_id: bool, rows: Rows,
+                timelines: Timelines, items: ItemTruth, seq_len: int, chunk_rows: int) -> None:
+    """One of train/valid/test in row groups of chunk_rows; idx: (n,) indices into rows, in output order."""
+    fields = ([pa.field("ID", pa.int64())] if with_id else []) + _ROW_FIELDS
+    if labels is not None:
+        fields.append(pa.field("label", pa.float64()))
+    schema = pa.schema(fields)
+    with pq.ParquetWriter(path, schema, compression="zstd") as writer:
+        for lo in range(0, idx.size, chunk_rows):
+            part = idx[lo : lo + chunk_rows]
+            target = rows.item[part]
+            seq = padded_histories(timelines, rows.user[part], seq_len)  # (c, S)
+            ids = np.arange(lo, lo + part.size, dtype=np.int64)
+            cols: list[pa.Array] = [pa.array(ids)] if with_id else []
+            cols += [pa.array(timelines.user_id[rows.user[part]]),
+                     fixed_list_array(seq.ravel(), seq_len, pa.int64()), pa.array(target),
+                     pa.array(items.likes_level[target]), pa.array(items.views_level[target])]
+            if labels is not None:
+                cols.append(pa.array(labels[lo : lo + part.size]))
+            writer.write_table(pa.Table.from_arrays(cols, schema=schema))
+
+
+def write_item_info(path: Path, items: ItemTruth, emb: np.ndarray) -> None:
+    """item_info.parquet: item_id 0..N (row 0 = padding), item_tags list[5], item_emb_d128 list[128]."""
+    table = pa.table({"item_id": np.arange(emb.shape[0], dtype=np.int64),
+                      "item_tags": fixed_list_array(items.tags.ravel(), TAGS_PER_ITEM, pa.int64()),
+                      "item_emb_d128": fixed_list_array(emb.ravel(), emb.shape[1], pa.float64())})
+    pq.write_table(table, path, compression="zstd")
+
+
+def write_hidden(folder: Path, p_valid: np.ndarray, p_test: np.ndarray, y_test: np.ndarray,
+                 meta: dict) -> None:
+    """valid_truth (row, p_true), test_truth (ID, label, p_true) and meta.json."""
+    pq.write_table(pa.table({"row": np.arange(p_valid.size, dtype=np.int64), "p_true": p_valid}),
+                   folder / "valid_truth.parquet")
+    test_ids = np.arange(p_test.size, dtype=np.int64)
+    pq.write_table(pa.table({"ID": test_ids, "label": y_test, "p_true": p_test}),
+                   folder / "test_truth.parquet")
+    (folder / "meta.json").write_text(json.dumps(meta, indent=2, allow_nan=True) + "\n")
+
+
+def _written_by_loggen(out_dir: Path) -> bool:
+    try:
+        meta = json.loads((out_dir / HIDDEN_SUBDIR / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("generator") == GENERATOR_NAME
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse, before any work, a path that is a file, lies under a file, or holds files loggen did not write.
+
+    An existing folder is accepted when it is empty, or when it holds only MicroLens_1M_x1/ and hidden/ and
+    hidden/meta.json says generator "loggen" (an earlier run, which is then replaced).
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise QinError(f"loggen: output folder {out_dir} exists and is a file; pass a folder path")
+    for parent in out_dir.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise QinError(f"loggen: cannot create {out_dir}: {parent} is a file")
+            break
+    if not out_dir.is_dir():
+        return
+    entries = sorted(p.name for p in out_dir.iterdir())
+    foreign = [name for name in entries if name not in OUTPUTS]
+    if foreign or (entries and not _written_by_loggen(out_dir)):
+        shown = ", ".join(foreign or entries)
+        raise QinError(f"loggen: {out_dir} holds files not written by the log-like generator ({shown}); "
+                       "refusing to overwrite them, choose another or an empty folder")
+
+
+def install(tmp: Path, out_dir: Path) -> None:
+    """Move the finished outputs from tmp into out_dir (each move a rename): old outputs aside first."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trash = tmp / ".old"
+    trash.mkdir()
+    for name in OUTPUTS:  # old and new outputs never mix, even if a move fails half-way
+        if (out_dir / name).exists() or (out_dir / name).is_symlink():
+            os.replace(out_dir / name, trash / name)
+    for name in OUTPUTS:
+        os.replace(tmp / name, out_dir / name)

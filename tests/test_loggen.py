@@ -1,0 +1,167 @@
+"""Tests of the log-like generator (qin.loggen), tiny size: layout, determinism, truth, safety, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+from sklearn.metrics import roc_auc_score
+from typer.testing import CliRunner
+
+from qin.cli import app
+from qin.errors import QinError
+from qin.features.pipeline import build_features
+from qin.loggen import DEFAULT_LOG_PARAMS, LOG_SIZES, LogSize, generate_logs, log_params_with
+from qin.synth import expected_auc
+
+TINY = LOG_SIZES[LogSize.tiny]
+FILES = ["MicroLens_1M_x1/train.parquet", "MicroLens_1M_x1/valid.parquet", "MicroLens_1M_x1/test.parquet",
+         "MicroLens_1M_x1/item_info.parquet", "hidden/valid_truth.parquet", "hidden/test_truth.parquet"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("loggen") / "data"
+    generate_logs(out, LogSize.tiny, seed=0)
+    return out
+
+
+def _meta(folder: Path) -> dict:
+    return json.loads((folder / "hidden" / "meta.json").read_text())
+
+
+def _frames(folder: Path) -> dict[str, pl.DataFrame]:
+    return {name: pl.read_parquet(folder / name) for name in FILES}
+
+
+def _seq(folder: Path, split: str) -> np.ndarray:
+    t = pq.read_table(folder / "MicroLens_1M_x1" / f"{split}.parquet", columns=["item_seq"])
+    return np.asarray(t["item_seq"].combine_chunks().values).reshape(-1, TINY.seq_len)  # (n, S)
+
+
+def test_schema_matches_qin_synth(tiny: Path, tiny_data: Path) -> None:
+    for name in FILES:
+        ours, theirs = pq.read_schema(tiny / name), pq.read_schema(tiny_data / name)
+        assert [(f.name, f.type) for f in ours] == [(f.name, f.type) for f in theirs], name
+    # meta.json carries every key of qin synth's meta that applies to it (and the same auc keys).
+    ours, theirs = _meta(tiny), _meta(tiny_data)
+    inapplicable = {"n_empty_titles", "n_missing_images"}
+    assert set(theirs) - inapplicable <= set(ours)
+    assert {"oracle_valid", "oracle_test", "expected_oracle_valid", "expected_oracle_test",
+            "popularity_valid", "popularity_test"} <= set(ours["auc"])
+    assert ours["generator"] == "loggen" and ours["params"]["w_match"] == DEFAULT_LOG_PARAMS.w_match
+
+
+def test_rows_ids_and_padding(tiny: Path) -> None:
+    frames = _frames(tiny)
+    train, valid, test = (frames[f"MicroLens_1M_x1/{s}.parquet"] for s in ("train", "valid", "test"))
+    assert (train.height, valid.height, test.height) == (TINY.train_rows, TINY.valid_rows, TINY.test_rows)
+    assert test.columns[0] == "ID" and test["ID"].to_list() == list(range(TINY.test_rows))
+    users = [set(f["user_id"].to_list()) for f in (train, valid, test)]
+    assert not users[0] & users[1] and not users[0] & users[2] and not users[1] & users[2]
+    for split in ("train", "valid", "test"):
+        seq = _seq(tiny, split)
+        nonzero = seq > 0
+        assert nonzero[:, -1].all(), "every row has a history, most recent item last"
+        assert (np.diff(nonzero.astype(np.int8), axis=1) >= 0).all(), "zeros only on the left"
+    lengths = (_seq(tiny, "train") > 0).sum(axis=1)
+    assert 3 <= np.median(lengths) <= 5 and (lengths <= 2).mean() > 0.2 and lengths.max() > 10
+    info = frames["MicroLens_1M_x1/item_info.parquet"]
+    assert info["item_id"].to_list() == list(range(TINY.n_items + 1))
+    emb = np.asarray(info["item_emb_d128"].to_list())  # (N+1, 128)
+    tags = np.asarray(info["item_tags"].to_list())  # (N+1, 5)
+    assert emb.shape == (TINY.n_items + 1, 128) and (emb[0] == 0).all() and (tags[0] == 0).all()
+    assert 1.5 < emb[1:, 0].std() < 5 and emb[1:, -1].std() < emb[1:, 0].std() / 3, "PCA-like scale"
+    assert (tags[1:, 0] > 0).all() and tags.max() <= TINY.n_tags
+    for col in ("likes_level", "views_level"):
+        assert train[col].min() >= 0 and train[col].max() <= 9
+
+
+def test_same_seed_same_data_other_seed_other_data(tiny: Path, tmp_path: Path) -> None:
+    again, other = tmp_path / "again", tmp_path / "other"
+    generate_logs(again, LogSize.tiny, seed=0)
+    generate_logs(other, LogSize.tiny, seed=1)
+    first, second, third = _frames(tiny), _frames(again), _frames(other)
+    for name in FILES:
+        assert first[name].equals(second[name]), name
+    assert not first["MicroLens_1M_x1/train.parquet"].equals(third["MicroLens_1M_x1/train.parquet"])
+    assert not first["MicroLens_1M_x1/item_info.parquet"].equals(third["MicroLens_1M_x1/item_info.parquet"])
+
+
+def test_oracle_in_meta_matches_the_truth_files(tiny: Path) -> None:
+    meta = _meta(tiny)
+    p_valid = pl.read_parquet(tiny / "hidden" / "valid_truth.parquet")
+    y_valid = pl.read_parquet(tiny / "MicroLens_1M_x1" / "valid.parquet")["label"].to_numpy()
+    assert p_valid["row"].to_list() == list(range(y_valid.size))
+    assert meta["auc"]["oracle_valid"] == pytest.approx(roc_auc_score(y_valid, p_valid["p_true"]), abs=1e-12)
+    assert meta["auc"]["expected_oracle_valid"] == pytest.approx(expected_auc(p_valid["p_true"].to_numpy()))
+    test_truth = pl.read_parquet(tiny / "hidden" / "test_truth.parquet")
+    oracle_test = roc_auc_score(test_truth["label"], test_truth["p_true"])
+    assert meta["auc"]["oracle_test"] == pytest.approx(oracle_test)
+    eps = DEFAULT_LOG_PARAMS.label_eps
+    assert p_valid["p_true"].min() >= eps / 2 and p_valid["p_true"].max() <= 1 - eps / 2
+    assert 0.7 < meta["auc"]["expected_oracle_valid"] < 0.95
+
+
+def test_label_mean_and_cold_items(tiny: Path) -> None:
+    meta = _meta(tiny)
+    train = pl.read_parquet(tiny / "MicroLens_1M_x1" / "train.parquet")
+    assert 0.2 <= train["label"].mean() <= 0.3 and 0.2 <= meta["label_mean"] <= 0.3
+    seen = set(train["item_id"].to_list()) | set(_seq(tiny, "train").ravel().tolist())
+    for split in ("valid", "test"):
+        targets = set(pl.read_parquet(tiny / "MicroLens_1M_x1" / f"{split}.parquet")["item_id"].to_list())
+        assert len(targets - seen) >= 5, f"{split} has targets that never appear in train"
+    assert meta["cold"]["items"] > 0
+
+
+def test_features_pipeline_accepts_the_output(tiny: Path, tmp_path: Path) -> None:
+    result = build_features(tiny / "MicroLens_1M_x1", tmp_path / "features", max_len=16, progress=False)
+    assert result.rebuilt and result.feature_dir.is_dir()
+
+
+def test_refuses_foreign_folders_and_replaces_its_own(tmp_path: Path) -> None:
+    foreign = tmp_path / "real"
+    (foreign / "MicroLens_1M_x1").mkdir(parents=True)
+    (foreign / "MicroLens_1M_x1" / "train.parquet").write_bytes(b"real data")
+    with pytest.raises(QinError, match=str(foreign)):
+        generate_logs(foreign, LogSize.tiny)
+    assert (foreign / "MicroLens_1M_x1" / "train.parquet").read_bytes() == b"real data"
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "notes.txt").write_text("mine")
+    with pytest.raises(QinError, match="notes.txt"):
+        generate_logs(stray, LogSize.tiny)
+    ours = tmp_path / "ours"
+    generate_logs(ours, LogSize.tiny, seed=0)
+    generate_logs(ours, LogSize.tiny, seed=1)  # an earlier loggen output is replaced
+    assert _meta(ours)["seed"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ours", "real", "stray"], "no temp folder left"
+
+
+def test_bad_arguments_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(QinError, match="size"):
+        generate_logs(tmp_path / "x", "full")  # type: ignore[arg-type]
+    with pytest.raises(QinError, match="seed"):
+        generate_logs(tmp_path / "x", LogSize.tiny, seed=-1)
+    with pytest.raises(QinError, match="no_such_knob"):
+        log_params_with(["no_such_knob=1"])
+    with pytest.raises(QinError, match="w_match"):
+        log_params_with(["w_match=high"])
+    assert log_params_with(["w_match=2.5", "sir_proposals=8"]).sir_proposals == 8
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_synth_process_logs(tmp_path: Path) -> None:
+    runner = CliRunner()
+    out = tmp_path / "logs"
+    result = runner.invoke(app, ["synth", "--process", "logs", "--size", "tiny", "--out", str(out)],
+                           catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "oracle AUC (valid)" in result.output and "popularity alone" in result.output
+    assert _meta(out)["generator"] == "loggen"
+    full = runner.invoke(app, ["synth", "--process", "logs", "--size", "full", "--out", str(tmp_path / "f")])
+    assert full.exit_code == 2 and "tiny, small, bench" in full.output
