@@ -31,8 +31,8 @@ timelines.py (interest walks and histories), rows.py (candidates, logit, interce
 safe install), generate.py (the stages, in order).
 """
 
-from qin.loggen.generate import generate_logs
+from qin.loggen.generate import LogDraw, draw_logs, generate_logs
 from qin.loggen.params import DEFAULT_LOG_PARAMS, LOG_SIZES, LogParams, LogSize, LogSizeSpec, log_params_with
 
-__all__ = ["DEFAULT_LOG_PARAMS", "LOG_SIZES", "LogParams", "LogSize", "LogSizeSpec", "generate_logs",
-           "log_params_with"]
+__all__ = ["DEFAULT_LOG_PARAMS", "LOG_SIZES", "LogDraw", "LogParams", "LogSize", "LogSizeSpec", "draw_logs",
+           "generate_logs", "log_params_with"]

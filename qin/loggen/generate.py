@@ -6,16 +6,16 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from qin.errors import QinError
-from qin.loggen.items import genre_centres, item_embedding, make_items
+from qin.loggen.items import ItemTruth, genre_centres, item_embedding, make_items
 from qin.loggen.params import DEFAULT_LOG_PARAMS, LOG_SIZES, LogParams, LogSize, LogSizeSpec, stream
-from qin.loggen.rows import SOURCES, calibrate_intercept, click_probability, make_rows, split_users
-from qin.loggen.timelines import make_timelines
+from qin.loggen.rows import SOURCES, Rows, calibrate_intercept, click_probability, make_rows, split_users
+from qin.loggen.timelines import Timelines, make_timelines
 from qin.loggen.write import (
     DATA_SUBDIR,
     GENERATOR_NAME,
@@ -71,6 +71,38 @@ def _realised_auc(y: np.ndarray, score: np.ndarray) -> float:
     return float(roc_auc_score(y, score)) if y.min() != y.max() else float("nan")
 
 
+@dataclass(frozen=True)
+class LogDraw:
+    """Everything one (size, seed, params) draws, before anything is written: the truth and the rows."""
+
+    items: ItemTruth
+    item_emb: np.ndarray  # (N+1, 128) the item_emb_d128 a model sees; row 0 = 0
+    timelines: Timelines
+    users_by_split: list[np.ndarray]  # user indices of train, valid, test
+    rows: Rows
+    intercept: float
+    p_true: np.ndarray  # (n,) click probability of every row
+    labels: np.ndarray  # (n,) float64 0/1 drawn from p_true
+
+
+def draw_logs(size: LogSize, seed: int = 0, params: LogParams = DEFAULT_LOG_PARAMS) -> LogDraw:
+    """Draw a data set in memory, stage by stage, each from its own random stream (what generate_logs writes;
+    analyses use it to take the click logit apart)."""
+    spec, prm = LOG_SIZES[LogSize(size)], params
+    centres = genre_centres(spec.n_genres, prm.d_taste, stream(seed, size, "genres"))
+    items = make_items(spec, prm, centres, stream(seed, size, "items"))
+    item_emb = item_embedding(items, prm, EMB_DIM, stream(seed, size, "content"))
+    row_counts = [spec.train_rows, spec.valid_rows, spec.test_rows]
+    users_by_split = split_users(row_counts, prm.rows_per_user)
+    n_users = int(users_by_split[2][-1]) + 1
+    timelines = make_timelines(n_users, spec.seq_len, items, centres, prm, stream(seed, size, "timelines"))
+    rows = make_rows(users_by_split, row_counts, timelines, items, prm, stream(seed, size, "candidates"))
+    intercept = calibrate_intercept(rows.logit, prm.label_eps, prm.target_rate)
+    p_true = click_probability(rows.logit, intercept, prm.label_eps)
+    labels = (stream(seed, size, "labels").random(p_true.size) < p_true).astype(np.float64)
+    return LogDraw(items, item_emb, timelines, users_by_split, rows, intercept, p_true, labels)
+
+
 def _build(tmp: Path, spec: LogSizeSpec, size: LogSize, seed: int, prm: LogParams, progress: bool) -> dict:
     """Generate everything into tmp/{MicroLens_1M_x1,hidden}; returns meta.json's dict."""
     started = time.perf_counter()
@@ -81,23 +113,12 @@ def _build(tmp: Path, spec: LogSizeSpec, size: LogSize, seed: int, prm: LogParam
 
     (tmp / DATA_SUBDIR).mkdir()
     (tmp / HIDDEN_SUBDIR).mkdir()
-    stage("items")
-    centres = genre_centres(spec.n_genres, prm.d_taste, stream(seed, size, "genres"))
-    items = make_items(spec, prm, centres, stream(seed, size, "items"))
-    write_item_info(tmp / DATA_SUBDIR / "item_info.parquet", items,
-                    item_embedding(items, prm, EMB_DIM, stream(seed, size, "content")))
-
-    stage("users + histories")
+    stage("draw: items, users + histories, candidates + labels")
+    drawn = draw_logs(size, seed, prm)
+    items, timelines, rows, users_by_split = drawn.items, drawn.timelines, drawn.rows, drawn.users_by_split
+    intercept, p_true, y = drawn.intercept, drawn.p_true, drawn.labels
     row_counts = [spec.train_rows, spec.valid_rows, spec.test_rows]
-    users_by_split = split_users(row_counts, prm.rows_per_user)
-    n_users = int(users_by_split[2][-1]) + 1
-    timelines = make_timelines(n_users, spec.seq_len, items, centres, prm, stream(seed, size, "timelines"))
-
-    stage("candidates + labels")
-    rows = make_rows(users_by_split, row_counts, timelines, items, prm, stream(seed, size, "candidates"))
-    intercept = calibrate_intercept(rows.logit, prm.label_eps, prm.target_rate)
-    p_true = click_probability(rows.logit, intercept, prm.label_eps)
-    y = (stream(seed, size, "labels").random(p_true.size) < p_true).astype(np.float64)
+    write_item_info(tmp / DATA_SUBDIR / "item_info.parquet", items, drawn.item_emb)
 
     stage("train/valid/test")
     idx = [np.nonzero(rows.split == s)[0] for s in range(3)]
