@@ -77,7 +77,6 @@ def main() -> None:
     user, item = rows.user[test], rows.item[test]
     rest = (prm.w_series * np.log1p(rows.series_hits[test]) + prm.w_quality * items.quality[item]
             + prm.w_pop * items.pop_z[item])
-    match_now = np.einsum("nd,nd->n", timelines.interest_now[user], items.taste[item])
     match_history = np.einsum("nd,nd->n", history_interest(draw, user, args.half_life), items.taste[item])
     learnt_bias = shrunken_item_bias(draw, prm)[item]
     scores = {

@@ -66,15 +66,19 @@ SUITE = [
     DataSet("synth_dlat64", "demo", ("d_lat=64",), "qin synth with 64-d item latents"),
     DataSet("logs", "logs", (), "the second generator: log-like data (long tail, cold items, id-only "
             "co-occurrence, weak content, drifting interests, label noise, short histories)"),
+    DataSet("logs_id_heavy", "logs", ("w_series=3.0", "item_bias_sd=1.2", "content_taste_noise=0.9"),
+            "the second generator where ids carry more and content less: stronger series co-occurrence "
+            "and item biases, content vectors twice as noisy"),
 ]
 MODELS = ["mean_pool_mlp", "qin", "din", "qnn_alpha", "best"]
 SIZES = ["small", "bench"]
 
 
-def model_config(model: str, raw_dir: Path, seed: int) -> Config:
+def model_config(model: str, raw_dir: Path, seed: int, threads: int | None = None) -> Config:
     """The suite's config of one model: the common budget, or best.yaml at the budget's sizes."""
     paths = [f"data.raw_dir={raw_dir}", f"data.features_root={WORK / 'features'}",
-             f"train.run_root={WORK / 'runs'}", f"train.seed={seed}"]
+             f"train.run_root={WORK / 'runs'}", f"train.seed={seed}",
+             f"train.threads={'null' if threads is None else threads}"]
     if model == "best":
         return Config.from_yaml(BEST, paths)
     return Config.from_yaml(BUDGET, [*paths, f"model.name={model}"])
@@ -113,14 +117,16 @@ def test_truth(data_root: Path, test_ids: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def config_key(cfg: Config) -> str:
-    """What makes two runs the same measurement: the config without its paths."""
+    """What makes two runs the same measurement: the config without its paths and thread count."""
     plain = cfg.to_dict()
-    for section, key in (("data", "raw_dir"), ("data", "features_root"), ("train", "run_root")):
+    for section, key in (("data", "raw_dir"), ("data", "features_root"), ("train", "run_root"),
+                         ("train", "threads")):
         plain[section].pop(key)
     return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def run_one(dataset: DataSet, size: str, models: list[str], seeds: list[int], console: Console) -> None:
+def run_one(dataset: DataSet, size: str, models: list[str], seeds: list[int], threads: int | None,
+            console: Console) -> None:
     from qin.train import fit
 
     data_root = draw(dataset, size, console)
@@ -148,7 +154,7 @@ def run_one(dataset: DataSet, size: str, models: list[str], seeds: list[int], co
     write_json(result_path, record)
     for model in models:
         for seed in seeds:
-            cfg = model_config(model, raw_dir, seed)
+            cfg = model_config(model, raw_dir, seed, threads)
             key = config_key(cfg)
             if any(r["model"] == model and r["seed"] == seed and r["config_key"] == key
                    for r in record["runs"]):
@@ -219,6 +225,7 @@ def main(argv: list[str] | None = None) -> None:
                         choices=[d.name for d in SUITE])
     parser.add_argument("--models", nargs="*", default=MODELS, choices=MODELS)
     parser.add_argument("--seeds", nargs="*", type=int, default=[0])
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per run (not math)")
     parser.add_argument("--report", action="store_true", help="only print the tables of stored results")
     args = parser.parse_args(argv)
     console = Console()
@@ -226,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
         for size in args.sizes:
             for dataset in SUITE:
                 if dataset.name in args.datasets:
-                    run_one(dataset, size, args.models, args.seeds, console)
+                    run_one(dataset, size, args.models, args.seeds, args.threads, console)
     table = report()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     (RESULTS.parent / "suite.md").write_text(

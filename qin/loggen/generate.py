@@ -117,7 +117,6 @@ def _build(tmp: Path, spec: LogSizeSpec, size: LogSize, seed: int, prm: LogParam
     drawn = draw_logs(size, seed, prm)
     items, timelines, rows, users_by_split = drawn.items, drawn.timelines, drawn.rows, drawn.users_by_split
     intercept, p_true, y = drawn.intercept, drawn.p_true, drawn.labels
-    row_counts = [spec.train_rows, spec.valid_rows, spec.test_rows]
     write_item_info(tmp / DATA_SUBDIR / "item_info.parquet", items, drawn.item_emb)
 
     stage("train/valid/test")
