@@ -109,6 +109,10 @@ class ModelConfig:
     unique_items: bool = True
     bce: BCEForm = BCEForm.probabilities  # the reference's loss form; `logits` is the stable one
     level_zero: LevelZero = LevelZero.padding  # the reference maps raw level 0 to the untrained zero row
+    # QNN-alpha only, not the published math: per-field LayerNorm (GroupNorm) on the tower input and
+    # BatchNorm after each Khatri-Rao product (QIN's place), so the degree-2^L tower stays bounded
+    # when ASTA's unnormalised output p is large. False = the published tower.
+    qnn_alpha_bounded: bool = False
 
     def __post_init__(self) -> None:
         positive = {"embedding_dim": self.embedding_dim, "num_layers": self.num_layers,

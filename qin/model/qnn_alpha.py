@@ -28,8 +28,10 @@ class QNNAlpha(QIN):
 
     def build_tower(self, width: int) -> nn.Module:
         cfg = self.cfg
+        # qnn_alpha_bounded: z0 here is not small field embeddings but raw multimodal projections and
+        # ASTA's unnormalised p; see QNNAlphaTower for why the published tower diverges on them.
         return QNNAlphaTower(width, cfg.embedding_dim, cfg.num_layers, cfg.num_row, cfg.num_heads,
-                             cfg.net_dropout, cfg.batch_norm)
+                             cfg.net_dropout, cfg.batch_norm, bounded=cfg.qnn_alpha_bounded)
 
     def loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Self-Ensemble loss in train mode; plain BCE (single pass) in eval mode.
