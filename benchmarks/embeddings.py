@@ -1,6 +1,7 @@
 """Embedding table: QIN validation AUC with four different item tables (item_emb_d128) on generated data.
 
-Same data, same model and budget (the demo config, `configs/demo.yaml`); only the item table changes:
+Same data, same model and budget (`configs/budget.yaml`: QIN's math at embedding 32); only the item table
+changes:
 
 * generated: the data's own item_info.parquet (the generator's item_emb_d128).
 * precomputed: `qin.embed.embed_from_precomputed`, the organisers' recipe (txt_emb_BERT ++
@@ -92,7 +93,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="small")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
+    parser.add_argument("--config", default=str(ROOT / "configs" / "budget.yaml"))
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--work", default=str(ROOT / "benchmarks" / "work"),
                         help="data-<size> here is reused when complete; everything else goes to <work>/emb")

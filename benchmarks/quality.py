@@ -1,7 +1,7 @@
 """Quality table: validation AUC of QIN, DIN, each ablation and QNN-alpha against the oracle.
 
-Trains every model on the same generated data set with the same budget (the demo config,
-`configs/demo.yaml`, with only `model.name` changed), scores the validation split and puts the
+Trains every model on the same generated data set with the same budget (the common budget,
+`configs/budget.yaml`, with only `model.name` changed), scores the validation split and puts the
 generator's oracle AUC of the same rows beside it. Writes benchmarks/results/quality_<size>.json
 and prints a markdown table for the README.
 
@@ -59,7 +59,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="small")
     parser.add_argument("--models", nargs="*", default=[m.value for m in ModelName])
-    parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
+    parser.add_argument("--config", default=str(ROOT / "configs" / "budget.yaml"))
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--work", default=str(ROOT / "benchmarks" / "work"))
     parser.add_argument("--tag", default="", help="suffix of the results file and run folders")
