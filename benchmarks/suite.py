@@ -8,7 +8,8 @@ Data sets (`SUITE`): `qin synth` at several knob settings and `qin synth --proce
 generator with long-tail items, id-only co-occurrence, weak content vectors, drifting interests, label
 noise and short histories. Each is drawn once per size (seed 0) under benchmarks/work/suite/.
 
-Every model trains with the same budget (configs/budget.yaml with `model.name` set; `best` is
+Every model trains with the same budget (configs/budget.yaml with `model.name` set, and for
+`qnn_alpha` the bounded tower of configs/qnn_alpha.yaml; `best` is
 configs/best.yaml at the same sizes), selects its checkpoint on validation AUC, and is scored on the
 TEST split, whose labels and true click probabilities the generator keeps in hidden/: so the reported
 AUC is not the one the checkpoint was picked on. Beside it: the oracle's test AUC, the lift over chance
@@ -81,6 +82,8 @@ def model_config(model: str, raw_dir: Path, seed: int, threads: int | None = Non
              f"train.threads={'null' if threads is None else threads}"]
     if model == "best":
         return Config.from_yaml(BEST, paths)
+    if model == "qnn_alpha":  # as configs/qnn_alpha.yaml trains it: the bounded tower
+        paths.append("model.qnn_alpha_bounded=true")
     return Config.from_yaml(BUDGET, [*paths, f"model.name={model}"])
 
 

@@ -341,7 +341,8 @@ def demo(
     summary = run_demo(size, _load_config(config, overrides), out, console)
     console.print(f"[bold]validation AUC {summary['valid_auc']:.4f}[/bold]  "
                   f"oracle AUC {summary['oracle_auc']:.4f}"
-                  f"  ({100 * summary['valid_auc'] / summary['oracle_auc']:.1f}% of the oracle)")
+                  f"  ({100 * (summary['valid_auc'] - 0.5) / (summary['oracle_auc'] - 0.5):.1f}% of the "
+                  f"oracle's lift over chance)")
     console.print(f"submission: {summary['submission']}")
 
 
