@@ -174,8 +174,9 @@ def run_one(dataset: DataSet, size: str, models: list[str], seeds: list[int], th
                    "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
                    "max_train_loss": max(train_losses), "seconds": round(seconds, 1),
                    "parameters": sum(p.numel() for p in loaded.model.parameters())}
-            record["runs"] = [r for r in record["runs"] if not (r["model"] == model and r["seed"] == seed)]
-            record["runs"].append(row)
+            # Re-read before writing: another suite process may have added runs to this file meanwhile.
+            stored = json.loads(result_path.read_text())["runs"] if result_path.is_file() else []
+            record["runs"] = [r for r in stored if not (r["model"] == model and r["seed"] == seed)] + [row]
             write_json(result_path, record)
             console.log(f"{dataset.name} {size} {model} seed {seed}: test AUC {row['test_auc']:.4f} "
                         f"(oracle {record['oracle_test_auc']:.4f}) in {row['seconds']} s")
