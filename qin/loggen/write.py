@@ -11,23 +11,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qin.errors import QinError
+from qin.layout import DATA_SUBDIR, HIDDEN_SUBDIR, ROW_FIELDS
 from qin.loggen.items import TAGS_PER_ITEM, ItemTruth
 from qin.loggen.rows import Rows
 from qin.loggen.timelines import Timelines, padded_histories
 
-DATA_SUBDIR = "MicroLens_1M_x1"
-HIDDEN_SUBDIR = "hidden"
 GENERATOR_NAME = "loggen"
 OUTPUTS = (DATA_SUBDIR, HIDDEN_SUBDIR)  # everything generate_logs writes into out_dir
-
-_ROW_FIELDS = [
-    pa.field("user_id", pa.int64()),
-    pa.field("item_seq", pa.list_(pa.int64())),
-    pa.field("item_id", pa.int64()),
-    pa.field("likes_level", pa.int64()),
-    pa.field("views_level", pa.int64()),
-]
-
 
 def fixed_list_array(flat: np.ndarray, width: int, value_type: pa.DataType) -> pa.Array:
     """A plain list<value_type> array of rows of fixed ``width`` from a flat buffer (n*width,)."""
@@ -38,7 +28,7 @@ def fixed_list_array(flat: np.ndarray, width: int, value_type: pa.DataType) -> p
 def write_split(path: Path, idx: np.ndarray, labels: np.ndarray | None, with_id: bool, rows: Rows,
                 timelines: Timelines, items: ItemTruth, seq_len: int, chunk_rows: int) -> None:
     """One of train/valid/test in row groups of chunk_rows; idx: (n,) indices into rows, in output order."""
-    fields = ([pa.field("ID", pa.int64())] if with_id else []) + _ROW_FIELDS
+    fields = ([pa.field("ID", pa.int64())] if with_id else []) + ROW_FIELDS
     if labels is not None:
         fields.append(pa.field("label", pa.float64()))
     schema = pa.schema(fields)

@@ -9,9 +9,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from qin.errors import QinError
+from qin.layout import DATA_SUBDIR as DATA_SUBDIR  # re-exported: qin.synth's names predate qin.layout
+from qin.layout import HIDDEN_SUBDIR as HIDDEN_SUBDIR
 
-DATA_SUBDIR = "MicroLens_1M_x1"
-HIDDEN_SUBDIR = "hidden"
 IMAGES_SUBDIR = "item_images"
 TXT_DIM = 768  # BERT-base width, as in txt_emb_BERT
 IMG_DIM = 1024  # CLIP RN50 width, as in img_emb_CLIPRN50

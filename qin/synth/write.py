@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from qin.layout import ROW_FIELDS
 from qin.synth.items import _Items
 from qin.synth.params import (
     DATA_SUBDIR,
@@ -36,15 +37,6 @@ def _ragged_list_array(flat: np.ndarray, lengths: np.ndarray, value_type: pa.Dat
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=value_type))
 
 
-_ROW_FIELDS = [
-    pa.field("user_id", pa.int64()),
-    pa.field("item_seq", pa.list_(pa.int64())),
-    pa.field("item_id", pa.int64()),
-    pa.field("likes_level", pa.int64()),
-    pa.field("views_level", pa.int64()),
-]
-
-
 def _write_split(path: Path, idx: np.ndarray, labels: np.ndarray | None, with_id: bool, rows: _Rows,
                  users: _Users, items: _Items, spec: SizeSpec, on_chunk: Callable[[int], None]) -> None:
     """Write one of train/valid/test in row groups of spec.chunk_rows.
@@ -52,7 +44,7 @@ def _write_split(path: Path, idx: np.ndarray, labels: np.ndarray | None, with_id
     Args:
         idx: (n,) indices into ``rows`` in output order.  labels: (n,) float64 or None (no label column).
     """
-    fields = ([pa.field("ID", pa.int64())] if with_id else []) + _ROW_FIELDS
+    fields = ([pa.field("ID", pa.int64())] if with_id else []) + ROW_FIELDS
     if labels is not None:
         fields.append(pa.field("label", pa.float64()))
     schema = pa.schema(fields)
