@@ -1,7 +1,7 @@
 """The data-regime suite: every model beside the baseline ladder on data sets from two generators.
 
     python benchmarks/quality.py --suite [--sizes small bench] [--datasets synth logs ...]
-                                         [--models mean_pool_mlp qin best ...] [--seeds 0 1 2]
+                                         [--models mean_pool_mlp qin qin_plus ...] [--seeds 0 1 2]
     python benchmarks/quality.py --suite --report        # tables from the stored results only
 
 Data sets (`SUITE`): `qin synth` at several knob settings and `qin synth --process logs`, an independent
@@ -9,8 +9,8 @@ generator with long-tail items, id-only co-occurrence, weak content vectors, dri
 noise and short histories. Each is drawn once per size (seed 0) under benchmarks/work/suite/.
 
 Every model trains with the same budget (configs/budget.yaml with `model.name` set, and for
-`qnn_alpha` the bounded tower of configs/qnn_alpha.yaml; `best` is
-configs/best.yaml at the same sizes), selects its checkpoint on validation AUC, and is scored on the
+`qnn_alpha` the bounded tower of configs/qnn_alpha.yaml; `qin_plus` is
+configs/qin_plus.yaml over the same budget), selects its checkpoint on validation AUC, and is scored on the
 TEST split, whose labels and true click probabilities the generator keeps in hidden/: so the reported
 AUC is not the one the checkpoint was picked on. Beside it: the oracle's test AUC, the lift over chance
 as a share of the oracle's, (AUC - .5) / (oracle - .5), test logloss against the base rate's, epochs and
@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "benchmarks" / "work" / "suite"
 RESULTS = ROOT / "benchmarks" / "results" / "suite"
 BUDGET = ROOT / "configs" / "budget.yaml"
-BEST = ROOT / "configs" / "best.yaml"
+QIN_PLUS = ROOT / "configs" / "qin_plus.yaml"
 
 
 @dataclass(frozen=True)
@@ -71,17 +71,18 @@ SUITE = [
             "the second generator where ids carry more and content less: stronger series co-occurrence "
             "and item biases, content vectors twice as noisy"),
 ]
-MODELS = ["mean_pool_mlp", "qin", "din", "qnn_alpha", "best"]
+MODELS = ["mean_pool_mlp", "qin", "din", "qnn_alpha", "qin_plus"]
 SIZES = ["small", "bench"]
 
 
 def model_config(model: str, raw_dir: Path, seed: int, threads: int | None = None) -> Config:
-    """The suite's config of one model: the common budget, or best.yaml at the budget's sizes."""
+    """The suite's config of one model: the common budget with `model.name` set (qin_plus: its own yaml,
+    over the same budget)."""
     paths = [f"data.raw_dir={raw_dir}", f"data.features_root={WORK / 'features'}",
              f"train.run_root={WORK / 'runs'}", f"train.seed={seed}",
              f"train.threads={'null' if threads is None else threads}"]
-    if model == "best":
-        return Config.from_yaml(BEST, paths)
+    if model == "qin_plus":
+        return Config.from_yaml(QIN_PLUS, paths)
     if model == "qnn_alpha":  # as configs/qnn_alpha.yaml trains it: the bounded tower
         paths.append("model.qnn_alpha_bounded=true")
     return Config.from_yaml(BUDGET, [*paths, f"model.name={model}"])
@@ -187,9 +188,10 @@ def lift(value: float, oracle: float) -> float:
 
 
 def report() -> str:
-    """Markdown tables from every stored result: AUCs (mean over seeds, with spread), lift, logloss."""
-    lines = ["| data set | size | oracle | popularity | LR 2 | LR 2 + levels | "
-             + " | ".join(MODELS) + " | best: lift | best − LR 2+lv | best logloss / base rate |",
+    """Markdown table from every stored result: test AUC (mean over seeds, with spread), the strongest model
+    of each row with its lift and margin over the best logistic regression, and its logloss."""
+    lines = ["| data set | size | oracle | popularity | LR 2 | LR 2 + levels | " + " | ".join(MODELS)
+             + " | strongest: lift | − LR 2+lv | logloss / base rate |",
              "|---|---|---|---|---|---|" + "---|" * len(MODELS) + "---|---|---|"]
     for dataset in SUITE:
         for size in SIZES:
@@ -201,21 +203,23 @@ def report() -> str:
             ladder = {b["name"]: b["test_auc"] for b in record["baselines"]}
             cells = [dataset.name, size, f"{oracle:.4f}", f"{ladder['popularity']:.4f}",
                      f"{ladder['lr_2']:.4f}", f"{ladder['lr_2_levels']:.4f}"]
+            means = {}
             for model in MODELS:
                 runs = [r for r in record["runs"] if r["model"] == model]
                 if not runs:
                     cells.append("")
                     continue
                 aucs = [r["test_auc"] for r in runs]
+                means[model] = statistics.mean(aucs)
                 spread = f" ±{(max(aucs) - min(aucs)) / 2:.4f} ({len(aucs)})" if len(aucs) > 1 else ""
-                cells.append(f"{statistics.mean(aucs):.4f}{spread}")
-            best = [r for r in record["runs"] if r["model"] == "best"]
-            if best:
-                mean_auc = statistics.mean(r["test_auc"] for r in best)
-                mean_logloss = statistics.mean(r["test_logloss"] for r in best)
-                cells += [f"{100 * lift(mean_auc, oracle):.1f}%",
-                          f"{mean_auc - max(ladder['lr_2'], ladder['lr_2_levels']):+.4f}",
-                          f"{mean_logloss:.4f} / {record['base_rate_test_logloss']:.4f}"]
+                cells.append(f"{means[model]:.4f}{spread}")
+            if means:
+                top = max(means, key=means.__getitem__)
+                cells[6 + MODELS.index(top)] = f"**{cells[6 + MODELS.index(top)]}**"
+                logloss_mean = statistics.mean(r["test_logloss"] for r in record["runs"] if r["model"] == top)
+                cells += [f"`{top}` {100 * lift(means[top], oracle):.1f}%",
+                          f"{means[top] - max(ladder['lr_2'], ladder['lr_2_levels']):+.4f}",
+                          f"{logloss_mean:.4f} / {record['base_rate_test_logloss']:.4f}"]
             else:
                 cells += ["", "", ""]
             lines.append("| " + " | ".join(cells) + " |")
