@@ -18,7 +18,8 @@ seconds. The baseline ladder (qin/baselines.py) is fitted on train and scored on
 
 Results accumulate in benchmarks/results/suite/<data set>_<size>.json (one record per model and seed,
 keyed by the run's config, so an interrupted suite resumes where it stopped) and the tables go to
-benchmarks/results/suite.md.
+benchmarks/results/suite.md. The key is the config, not the code: after changing a model's code, delete its
+rows (or the file) to measure it again.
 """
 
 from __future__ import annotations
