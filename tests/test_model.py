@@ -477,3 +477,28 @@ def test_overfits_one_batch(name: ModelName) -> None:
         optimizer.step()
     final = F.binary_cross_entropy_with_logits(model(batch), batch.label).item()
     assert final < 0.05, final
+
+
+def test_history_similarity_by_hand() -> None:
+    """qin_plus's parameter-free block on a constructed case: unit vectors on axes, known tags."""
+    from qin.model.qin_plus import HistorySimilarity
+
+    mm = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 3.0], [1.0, 1.0], [5.0, 0.0]])  # row 0 = padding
+    tags = torch.tensor([[0, 0], [1, 2], [3, 0], [2, 0], [4, 0]])
+    block = HistorySimilarity(ItemTables(tags=tags, mm_emb=mm))
+    target = torch.tensor([4, 1])
+    history = torch.tensor([[0, 1, 2, 3], [0, 0, 0, 0]])  # row 1: empty history
+    out = block(target, history)  # (2, S)
+    r = 1 / math.sqrt(2)
+    # target 4 = (1, 0); history 1 = (1, 0), 2 = (0, 1), 3 = (r, r); cosines 1, 0, r
+    mean_direction = torch.tensor([1 + r, 1 + r]) / torch.tensor([1 + r, 1 + r]).norm()
+    expected = torch.tensor([1.0, (1 + r) / 3, (1 + r) / 3, r, float(mean_direction[0]),
+                             0.0,  # target 4's tag 4 is nowhere in the history
+                             0.0, 0.0, math.log(4.0)])
+    torch.testing.assert_close(out[0], expected)
+    assert torch.equal(out[1], torch.zeros(9))  # empty history: all zeros
+    # target 1 (tags 1, 2) against a history holding item 3 (tag 2) and item 1 itself (a repeat)
+    out = block(torch.tensor([1]), torch.tensor([[0, 0, 3, 1]]))[0]
+    assert out[5] == 1.0  # both target tags are among the history's tags
+    assert out[6] == 1.0  # both history items share a tag with the target
+    assert out[7] == 1.0  # the target is in the history
