@@ -481,11 +481,11 @@ def test_overfits_one_batch(name: ModelName) -> None:
 
 def test_history_similarity_by_hand() -> None:
     """qin_plus's parameter-free block on a constructed case: unit vectors on axes, known tags."""
-    from qin.model.qin_plus import HistorySimilarity
+    from qin.model.qin_plus import HistorySimilarity, unit_norm_items
 
     mm = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 3.0], [1.0, 1.0], [5.0, 0.0]])  # row 0 = padding
     tags = torch.tensor([[0, 0], [1, 2], [3, 0], [2, 0], [4, 0]])
-    block = HistorySimilarity(ItemTables(tags=tags, mm_emb=mm))
+    block = HistorySimilarity(unit_norm_items(ItemTables(tags=tags, mm_emb=mm)))
     target = torch.tensor([4, 1])
     history = torch.tensor([[0, 1, 2, 3], [0, 0, 0, 0]])  # row 1: empty history
     out = block(target, history)  # (2, S)

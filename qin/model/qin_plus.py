@@ -58,11 +58,12 @@ class HistorySimilarity(nn.Module):
     unit_mm: torch.Tensor  # (V, M) buffer
     tags: torch.Tensor  # (V, T) buffer
 
-    def __init__(self, items: ItemTables) -> None:
+    def __init__(self, unit_items: ItemTables) -> None:
+        """`unit_items.mm_emb` must already have unit-norm rows (see `unit_norm_items`); it is shared, not
+        copied, with the item encoder's buffer."""
         super().__init__()
-        mm = items.mm_emb.float()
-        self.register_buffer("unit_mm", mm / mm.norm(dim=1, keepdim=True).clamp_min(1e-12), persistent=False)
-        self.register_buffer("tags", items.tags.long(), persistent=False)
+        self.register_buffer("unit_mm", unit_items.mm_emb.float(), persistent=False)
+        self.register_buffer("tags", unit_items.tags.long(), persistent=False)
 
     def forward(self, target: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
         mask = history != 0  # (B, L)
@@ -100,6 +101,12 @@ class HistorySimilarity(nn.Module):
         return stacked * has_history.unsqueeze(1).to(stacked.dtype)  # (B, S): zeros for an empty history
 
 
+def unit_norm_items(items: ItemTables) -> ItemTables:
+    """The same tables with every multimodal row scaled to unit L2 norm (the zero padding row stays zero)."""
+    mm = items.mm_emb.float()  # (V, M)
+    return ItemTables(tags=items.tags, mm_emb=mm / mm.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+
 class ParallelTower(nn.Module):
     """QIN's quadratic tower and an MLP on the same input, logits summed. (B, D) -> (B, 1)."""
 
@@ -119,13 +126,12 @@ class QINPlus(CTRModel):
         super().__init__()
         self.cfg = cfg
         d_e = cfg.embedding_dim
-        mm = items.mm_emb.float()
-        unit_items = ItemTables(tags=items.tags, mm_emb=mm / mm.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        unit_items = unit_norm_items(items)  # one (V, M) table, read by the encoder and the similarity block
         self.embedding = FeatureEmbedding(vocab, unit_items, d_e, mm_out_dim=d_e, level_zero=cfg.level_zero)
         item_dim = self.embedding.items.output_dim  # d_i = 3 d_e
         self.attention = SoftmaxTargetAttention(item_dim, cfg.attention_dim or 2 * item_dim)
         self.mean = MeanPooling()
-        self.similarity = HistorySimilarity(items)
+        self.similarity = HistorySimilarity(unit_items)
         self.similarity_norm = nn.BatchNorm1d(SIMILARITIES)  # the columns have very different scales
         width = self.embedding.fields_dim + 3 * item_dim + SIMILARITIES  # D
         quadratic = QuadraticTower(width, cfg.num_layers, cfg.num_row, cfg.net_dropout, cfg.batch_norm,
