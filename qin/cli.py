@@ -13,10 +13,11 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from qin.config import Config
-from qin.errors import QinError
+from qin.config import Config, DeviceChoice
+from qin.errors import QinError, os_error
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="QIN for multimodal CTR prediction: synth -> preprocess -> train -> predict.")
@@ -29,17 +30,24 @@ RunOption = Annotated[Path | None, typer.Option("--run", help="Run folder (defau
 
 
 def _user_errors(command: Callable) -> Callable:
-    """Turn QinError into a one-line message and exit code 2 instead of a traceback."""
+    """Turn QinError, and OSErrors a user fixes outside qin (a full disk, a read-only folder, a file
+    where a folder should be), into one `error:` line and exit code 2 instead of a traceback."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
         except QinError as error:
-            console.print(f"[bold red]error:[/bold red] {error}", highlight=False, soft_wrap=True)
-            raise typer.Exit(code=2) from None
+            _say_error(str(error))
+        except OSError as error:
+            _say_error(str(os_error(error)))
 
     return wrapper
+
+
+def _say_error(message: str) -> None:
+    console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2) from None
 
 
 def _load_config(config: Path, overrides: list[str] | None) -> Config:
@@ -54,6 +62,45 @@ def _run_dir_or_latest(run: Path | None, config: Config | None = None) -> Path:
     return latest_run_dir(Path(config.train.run_root if config else "runs"))
 
 
+class SizeChoice(str, Enum):  # noqa: UP042 - the (str, Enum) form is what typer lists as choices
+    """Data-set sizes of `qin synth` (the log-like process has no `full`)."""
+
+    tiny = "tiny"
+    small = "small"
+    bench = "bench"
+    full = "full"
+
+
+class DemoSize(str, Enum):  # noqa: UP042
+    """Sizes `qin demo` runs end to end in minutes on a CPU."""
+
+    tiny = "tiny"
+    small = "small"
+
+
+class PredictSplit(str, Enum):  # noqa: UP042
+    test = "test"  # the submission
+    valid = "valid"  # per-row validation predictions
+
+
+class SubmissionColumn(str, Enum):  # noqa: UP042
+    """The leaderboard column a submission is scored in (data.md section 3)."""
+
+    task1 = "Task1"
+    task2 = "Task2"
+    task1_and_2 = "Task1&2"
+
+
+class EmbedSource(str, Enum):  # noqa: UP042
+    precomputed = "precomputed"  # the organisers' BERT + CLIP vectors in item_feature.parquet
+    content = "content"  # encode titles and covers with local models
+
+
+class FusionChoice(str, Enum):  # noqa: UP042 - mirrors qin.embed.Fusion without importing it at start-up
+    concat = "concat"
+    mean = "mean"
+
+
 class SynthProcess(str, Enum):  # noqa: UP042 - the (str, Enum) form is what typer lists as choices
     """Which generator `qin synth` runs."""
 
@@ -64,8 +111,8 @@ class SynthProcess(str, Enum):  # noqa: UP042 - the (str, Enum) form is what typ
 @app.command()
 @_user_errors
 def synth(
-    size: Annotated[str, typer.Option(help="tiny | small | bench | full (logs: tiny | small | bench)")]
-    = "small",
+    size: Annotated[SizeChoice, typer.Option(help="Data-set size (--process logs: not full).")]
+    = SizeChoice.small,
     out: Annotated[Path, typer.Option(help="Output folder (data set + hidden/ truth).")] = Path("data/demo"),
     seed: Annotated[int, typer.Option(help="Random seed; the same seed writes the same data.")] = 0,
     test_label: Annotated[bool, typer.Option(help="Give test.parquet a constant 0 label column.")] = False,
@@ -76,15 +123,11 @@ def synth(
 ) -> None:
     """Generate a demo data set with the challenge's layout and a known oracle AUC."""
     if process is SynthProcess.logs:
-        _synth_logs(size, out, seed, test_label)
+        _synth_logs(size.value, out, seed, test_label)
         return
     from qin.synth import SynthSize, synthesize
 
-    try:
-        chosen = SynthSize(size)
-    except ValueError:
-        raise QinError(f"--size must be one of {', '.join(s.value for s in SynthSize)}; "
-                       f"got {size!r}") from None
+    chosen = SynthSize(size.value)
     result = synthesize(out, chosen, seed=seed, test_label=test_label, images=images)
     meta = result.meta
     console.print(f"wrote {result.data_dir} (truth in {result.hidden_dir})")
@@ -139,13 +182,18 @@ def train(
     overrides: SetOption = None,
     run_dir: Annotated[Path | None, typer.Option(help="Run folder (default: runs/<model>-<time>).")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue the interrupted run in this folder.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace the earlier run in --run-dir (its checkpoints "
+                                                 "and metrics are deleted).")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Train, early-stop on validation AUC, keep the best checkpoint (runs/<name>/best.pt)."""
     from qin import distributed
     from qin.features.io import load_features
+    from qin.runs import prepare_run_dir, remove_unstarted_run
     from qin.train import fit
 
+    if resume is not None and (run_dir is not None or overwrite):
+        raise QinError("--resume continues the run in its own folder; drop --run-dir / --overwrite")
     cfg = _load_config(config, overrides)
     dist = distributed.context()
     if resume is not None:
@@ -159,10 +207,18 @@ def train(
         data = cfg.data
         feature_dir = feature_dir_for(Path(data.features_root), Path(data.raw_dir), data.max_len,
                                       Path(data.item_info) if data.item_info else None)
+    created = False
     if run_dir is None:
-        run_dir = _shared_run_dir(cfg, dist)
-    result = fit(cfg, load_features(feature_dir), run_dir, resume=resume is not None, progress=progress,
-                 console=console)
+        run_dir, created = _shared_run_dir(cfg, dist), True
+    elif resume is None and dist.is_main:
+        created = prepare_run_dir(run_dir, overwrite)
+    try:
+        result = fit(cfg, load_features(feature_dir), run_dir, resume=resume is not None, progress=progress,
+                     console=console)
+    except (QinError, OSError):
+        if created and dist.is_main:
+            remove_unstarted_run(run_dir)  # a run that failed before its first checkpoint leaves nothing
+        raise
     if dist.is_main:
         console.print(f"best valid AUC {result.valid_auc:.5f} (epoch {result.best_epoch}); "
                       f"checkpoint {run_dir / 'best.pt'}")
@@ -188,29 +244,39 @@ def predict(
     out: Annotated[Path | None, typer.Option(help="Output file (default: submissions/<run>_<auc>.csv).")]
     = None,
     run: RunOption = None,
-    split: Annotated[str, typer.Option(help="test: the submission; valid: per-row predictions.")] = "test",
-    column: Annotated[str, typer.Option(help="Submission column: Task1 | Task2 | Task1&2.")] = "Task2",
+    split: Annotated[PredictSplit, typer.Option(help="test: the submission; valid: per-row predictions.")]
+    = PredictSplit.test,
+    column: Annotated[SubmissionColumn, typer.Option(help="Submission column.")] = SubmissionColumn.task2,
     make_zip: Annotated[bool, typer.Option("--zip", help="Also write <out>.zip with prediction.csv.")]
     = False,
     features: Annotated[Path | None, typer.Option(help="Feature folder (default: the one trained on).")]
     = None,
-    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda (default: the run's).")] = None,
+    device: Annotated[DeviceChoice | None, typer.Option(help="Device (default: the run's).")] = None,
 ) -> None:
     """Write the challenge submission (ID,Task2), validated; or per-row validation predictions."""
-    from qin.predict import load_run, validation_predictions, write_frame, write_submission
+    from qin.predict import (
+        check_frame_output,
+        load_run,
+        submission_paths,
+        validation_predictions,
+        write_frame,
+        write_submission,
+    )
 
-    loaded = load_run(_run_dir_or_latest(run), feature_dir=features, device=device)
-    if split == "valid":
+    # Output paths are checked before the model is loaded: a refused --out costs no scoring time.
+    if out is not None:
+        check_frame_output(out) if split is PredictSplit.valid else submission_paths(out, make_zip)
+    loaded = load_run(_run_dir_or_latest(run), feature_dir=features,
+                      device=device.value if device is not None else None)
+    if split is PredictSplit.valid:
         target = out or loaded.run_dir / "valid_predictions.parquet"
         write_frame(validation_predictions(loaded), target)
         console.print(f"wrote per-row validation predictions: {target}")
         return
-    if split != "test":
-        raise QinError(f"--split must be test or valid, got {split!r}")
     if out is None:
         auc_text = f"{loaded.checkpoint.get('valid_auc', float('nan')):.4f}"
         out = Path("submissions") / f"{loaded.run_dir.name}_{auc_text}.csv"
-    sidecar = write_submission(loaded, out, column=column, make_zip=make_zip)
+    sidecar = write_submission(loaded, out, column=column.value, make_zip=make_zip)
     console.print(f"wrote {sidecar['rows']} rows to {out}" + (f" and {sidecar['zip']}" if make_zip else ""))
     print(out)
 
@@ -258,9 +324,9 @@ def report(
 @app.command()
 @_user_errors
 def embed(
-    source: Annotated[str, typer.Option("--from",
-                                        help="precomputed (organisers' BERT+CLIP vectors) | content.")]
-    = "precomputed",
+    source: Annotated[EmbedSource, typer.Option("--from", help="precomputed: the organisers' BERT+CLIP "
+                                                               "vectors; content: encode titles and covers.")]
+    = EmbedSource.precomputed,
     data: Annotated[Path, typer.Option(help="Data folder: item_feature.parquet, MicroLens_1M_x1/, "
                                             "item_images/.")]
     = Path("data/demo"),
@@ -277,7 +343,8 @@ def embed(
     = None,
     text_weight: Annotated[float, typer.Option(help="Weight of the text modality in the fusion.")] = 0.5,
     image_weight: Annotated[float, typer.Option(help="Weight of the image modality in the fusion.")] = 0.5,
-    fusion: Annotated[str, typer.Option(help="concat | mean")] = "concat",
+    fusion: Annotated[FusionChoice, typer.Option(help="How text and image vectors are fused.")]
+    = FusionChoice.concat,
     dim: Annotated[int, typer.Option(help="PCA output width (the challenge requires 128).")] = 128,
     batch_size: Annotated[int, typer.Option(help="Encoder batch size.")] = 64,
     cache_dir: Annotated[Path, typer.Option(help="Per-encoder cache of encoded vectors.")]
@@ -287,16 +354,14 @@ def embed(
     from qin.embed import Fusion, embed_from_content, embed_from_precomputed
 
     item_feature, item_info = data / "item_feature.parquet", data / "MicroLens_1M_x1" / "item_info.parquet"
-    target = out or data / f"item_info_{source}.parquet"
-    if source == "precomputed":
+    target = out or data / f"item_info_{source.value}.parquet"
+    if source is EmbedSource.precomputed:
         result = embed_from_precomputed(item_feature, item_info, target, dim=dim)
-    elif source == "content":
+    else:
         result = embed_from_content(item_feature, item_info, images, target, text_model=text_model,
                                     image_model=image_model, text_weight=text_weight,
                                     image_weight=image_weight, dim=dim, batch_size=batch_size,
-                                    cache_dir=cache_dir, fusion=Fusion(fusion))
-    else:
-        raise QinError(f"--from must be precomputed or content, got {source!r}")
+                                    cache_dir=cache_dir, fusion=Fusion(fusion.value))
     console.print(f"wrote {result.out}: {result.items} items, "
                   f"PCA keeps {100 * result.explained_variance:.1f}% "
                   f"of the variance; missing titles {result.missing_titles}, missing images "
@@ -330,7 +395,7 @@ def neighbors(
 @app.command()
 @_user_errors
 def demo(
-    size: Annotated[str, typer.Option(help="Demo data size: tiny | small.")] = "small",
+    size: Annotated[DemoSize, typer.Option(help="Demo data size.")] = DemoSize.small,
     config: ConfigOption = Path("configs/demo.yaml"),
     overrides: SetOption = None,
     out: Annotated[Path, typer.Option(help="Submission file.")] = Path("submissions/demo_submission.csv"),
@@ -338,7 +403,7 @@ def demo(
     """The whole job on generated data: synth -> preprocess -> train -> predict -> evaluate."""
     from qin.demo import run_demo
 
-    summary = run_demo(size, _load_config(config, overrides), out, console)
+    summary = run_demo(size.value, _load_config(config, overrides), out, console)
     console.print(f"[bold]validation AUC {summary['valid_auc']:.4f}[/bold]  "
                   f"oracle AUC {summary['oracle_auc']:.4f}"
                   f"  ({100 * (summary['valid_auc'] - 0.5) / (summary['oracle_auc'] - 0.5):.1f}% of the "

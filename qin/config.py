@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -157,11 +158,19 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (CUDA only)
     threads: int | None = None  # torch CPU threads; None = torch's default
     max_steps: int | None = None  # stop after this many optimizer steps (benchmarks, smoke runs)
+    # A step loss above this means the run diverged: stop with an error rather than train on garbage.
+    # BCE at chance is 0.69 and the reference's clamped BCE costs at most 100 per row (QNN-alpha's
+    # self-ensemble sums three such terms); null = no limit (NaN and inf always stop a run).
+    max_loss: float | None = 1000.0
     run_root: str = "runs"  # runs go to <run_root>/<run name>/
 
     def __post_init__(self) -> None:
         if self.learning_rate <= 0:
             raise QinError(f"train.learning_rate must be > 0, got {self.learning_rate}")
+        if self.threads is not None and self.threads < 1:
+            raise QinError(f"train.threads must be >= 1 or null (torch's default), got {self.threads}")
+        if self.max_loss is not None and self.max_loss <= 0:
+            raise QinError(f"train.max_loss must be > 0 or null, got {self.max_loss}")
         for key in ("batch_size", "epochs", "patience", "eval_batch_size"):
             if getattr(self, key) < 1:
                 raise QinError(f"train.{key} must be >= 1, got {getattr(self, key)}")
@@ -171,7 +180,8 @@ class TrainConfig:
             raise QinError(f"train.eval_steps must be >= 1 or null, got {self.eval_steps}")
         if self.max_steps is not None and self.max_steps < 1:
             raise QinError(f"train.max_steps must be >= 1 or null, got {self.max_steps}")
-        for key in ("embedding_regularizer", "net_regularizer", "min_lr", "max_grad_norm", "warmup_steps"):
+        for key in ("embedding_regularizer", "net_regularizer", "min_lr", "max_grad_norm", "warmup_steps",
+                    "min_delta"):
             if getattr(self, key) < 0:
                 raise QinError(f"train.{key} must be >= 0, got {getattr(self, key)}")
 
@@ -260,7 +270,24 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     raw.setdefault(section, {})
     if not isinstance(raw[section], dict):
         raise QinError(f"override '{item}': section '{section}' is not a mapping")
-    raw[section][name] = yaml.safe_load(text)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise QinError(f"override '{item}': the value is not valid YAML ({error})") from error
+    # A path such as data.raw_dir=2024 is text even when YAML reads it as a number.
+    if _is_text_field(section, name) and value is not None and not isinstance(value, list | dict):
+        value = text.strip()
+    raw[section][name] = value
+
+
+def _is_text_field(section: str, name: str) -> bool:
+    """Whether `section.name` is a str (or str | None) config field."""
+    cls = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}.get(section)
+    if cls is None or name not in {f.name for f in dataclasses.fields(cls)}:
+        return False
+    hint = typing.get_type_hints(cls)[name]
+    return hint is str or (typing.get_origin(hint) in (typing.Union, types.UnionType)
+                           and str in typing.get_args(hint))
 
 
 def _build_section(cls: type, values: dict[str, Any], prefix: str, source: str) -> Any:
@@ -301,13 +328,18 @@ def _convert(value: Any, hint: Any, key: str, source: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif hint is float:
+        number = None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string
+                number = float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # NaN would slip past every `< 0` check below
+                raise QinError(f"{source}: {key} must be a finite number, got {value!r}")
+            return number
     elif hint is str:
         if isinstance(value, str):
             return value

@@ -3,6 +3,11 @@
 Submission format (data.md section 3): header `ID,<column>` (Task2 by default), one row per test
 row in test-row order, IDs 0..n-1, probabilities in [0, 1]. The file is validated before it is
 moved into place, and a JSON sidecar records where it came from.
+
+Outputs never replace what qin did not write: `--out` must end in .csv, and an existing file at
+it, at its sidecar (.json) or at its zip (.zip) is replaced only when it is a regular file that
+looks like an earlier qin output of that kind. Anything else (a folder, a device such as
+/dev/stdout, a symbolic link, someone's own file) is refused before the model is loaded.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +32,7 @@ from qin.features.io import FeatureSet, load_features
 from qin.metrics import auc, logloss
 from qin.model import CTRModel, Vocab, build_model
 from qin.runs import atomic_write_bytes, atomic_write_text, git_commit, load_checkpoint
-from qin.train import predict_probabilities, resolve_device
+from qin.train import load_weights, predict_probabilities, resolve_device
 
 SUBMISSION_COLUMNS = ("Task1", "Task2", "Task1&2")
 
@@ -44,16 +50,26 @@ class LoadedRun:
 def load_run(run_dir: Path, feature_dir: Path | None = None, device: str | None = None) -> LoadedRun:
     """Rebuild the best model of a run from its checkpoint (which carries config and vocab)."""
     run_dir = Path(run_dir)
-    checkpoint = load_checkpoint(run_dir / "best.pt" if run_dir.is_dir() else run_dir)
+    checkpoint_path = run_dir / "best.pt" if run_dir.is_dir() else run_dir
+    checkpoint = load_checkpoint(checkpoint_path)
+    missing = [key for key in ("config", "vocab", "model_state", "feature_dir") if key not in checkpoint]
+    if missing:
+        raise QinError(f"{checkpoint_path}: lacks {', '.join(missing)} (a checkpoint from an older qin); "
+                       f"pass the run folder ({checkpoint_path.parent}) so its best.pt is used")
     config = Config.from_dict(checkpoint["config"], source=f"{run_dir} (checkpoint config)")
     features = load_features(Path(feature_dir) if feature_dir else _trained_feature_dir(checkpoint, config))
     trained_vocab = Vocab(**checkpoint["vocab"])
     if vocab_of(features) != trained_vocab:
         raise QinError(f"{features.dir}: vocabulary {vocab_of(features)} differs from the one the checkpoint "
                        f"was trained with {trained_vocab}; preprocess with the same item table")
+    trained_width = checkpoint.get("mm_dim")
+    if trained_width is not None and features.item_emb.shape[1] != trained_width:
+        raise QinError(f"{features.dir}: item_emb_d128 vectors are {features.item_emb.shape[1]} wide, the "
+                       f"checkpoint was trained on {trained_width}-wide ones; use the item table it was "
+                       "trained with")
     chosen = resolve_device(config.train.device if device is None else type(config.train.device)(device))
     model = build_model(config.model, trained_vocab, item_tables_of(features, config.data.mm_normalize))
-    model.load_state_dict(checkpoint["model_state"])
+    load_weights(model, checkpoint["model_state"], checkpoint_path)
     model.to(chosen).eval()
     return LoadedRun(run_dir if run_dir.is_dir() else run_dir.parent, config, model, features, chosen,
                      checkpoint)
@@ -95,11 +111,84 @@ def validate_submission(frame: pl.DataFrame, expected_rows: int, column: str) ->
                        f"row {bad[0]} has {values[bad[0]]}")
 
 
+def submission_paths(out: Path, make_zip: bool) -> dict[str, Path]:
+    """The files `write_submission` writes, checked before any work: {"submission", "sidecar"[, "zip"]}.
+
+    Raises:
+        QinError: `out` does not end in .csv, or one of the paths holds something qin may not replace.
+    """
+    out = Path(out)
+    if out.suffix.lower() != ".csv":
+        raise QinError(f"{out}: a submission is a .csv file (its sidecar .json and zip .zip sit beside it); "
+                       "use --out NAME.csv")
+    paths = {"submission": out, "sidecar": out.with_suffix(".json")}
+    if make_zip:
+        paths["zip"] = out.with_suffix(".zip")
+    check_replaceable(paths["submission"], _is_submission_csv, "a submission CSV (header ID,...)")
+    check_replaceable(paths["sidecar"], _is_sidecar, "a qin submission sidecar")
+    if make_zip:
+        check_replaceable(paths["zip"], _is_submission_zip, "a submission zip holding prediction.csv")
+    return paths
+
+
+def check_replaceable(path: Path, is_ours: Callable[[Path], bool], kind: str) -> None:
+    """Refuse an output path that exists and is not a regular file qin wrote (`is_ours` tells)."""
+    path = Path(path)
+    if path.is_symlink():
+        raise QinError(f"{path}: is a symbolic link; qin replaces outputs atomically and would replace the "
+                       "link itself, not write through it. Pass the target path")
+    if not path.exists():
+        return
+    if not path.is_file():
+        raise QinError(f"{path}: exists and is not a regular file (a folder or a device); "
+                       "choose a file path")
+    if not is_ours(path):
+        raise QinError(f"{path}: exists and is not {kind}; not replacing it. Move it or choose another --out")
+
+
+def _first_line(path: Path) -> str:
+    with path.open("rb") as handle:
+        return handle.readline(256).decode("utf-8", errors="replace")
+
+
+def _is_submission_csv(path: Path) -> bool:
+    return path.stat().st_size == 0 or _first_line(path).startswith("ID,")
+
+
+def _is_sidecar(path: Path) -> bool:
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(content, dict) and "submission" in content and "run_dir" in content
+
+
+def _is_submission_zip(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.namelist() == ["prediction.csv"]
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _is_prediction_frame(path: Path) -> bool:
+    """An earlier `qin predict --split valid` output (its columns start with row, user_id)."""
+    try:
+        if path.suffix == ".parquet":
+            names = pl.read_parquet_schema(path).keys()
+        else:
+            names = _first_line(path).strip().split(",")
+    except Exception:  # unreadable: not ours
+        return False
+    return list(names)[:2] == ["row", "user_id"]
+
+
 def write_submission(run: LoadedRun, out: Path, column: str = "Task2",
                      make_zip: bool = False) -> dict[str, Any]:
     """Score the test split, validate, write `out` (+ `out`.zip, + `out`.json sidecar) atomically."""
     if column not in SUBMISSION_COLUMNS:
         raise QinError(f"--column must be one of {', '.join(SUBMISSION_COLUMNS)}, got {column!r}")
+    paths = submission_paths(out, make_zip)
     test = run.features.split("test")
     probabilities = score_split(run, "test")
     ids = np.asarray(test.ids) if test.ids is not None else np.arange(len(probabilities))
@@ -114,8 +203,8 @@ def write_submission(run: LoadedRun, out: Path, column: str = "Task2",
         zipped = io.BytesIO()
         with zipfile.ZipFile(zipped, "w", compression=zipfile.ZIP_DEFLATED) as archive:
             archive.writestr("prediction.csv", buffer.getvalue())  # the name Codabench expects, at the top
-        atomic_write_bytes(out.with_suffix(".zip"), zipped.getvalue())
-        written["zip"] = str(out.with_suffix(".zip"))
+        atomic_write_bytes(paths["zip"], zipped.getvalue())
+        written["zip"] = str(paths["zip"])
     sidecar = {
         **written, "rows": frame.height, "column": column, "run_dir": str(run.run_dir),
         "checkpoint_epoch": run.checkpoint.get("epoch"), "valid_auc": run.checkpoint.get("valid_auc"),
@@ -123,7 +212,7 @@ def write_submission(run: LoadedRun, out: Path, column: str = "Task2",
         "config": run.config.to_dict(), "trained_at_commit": run.checkpoint.get("git_commit"),
         "git_commit": git_commit(),
     }
-    atomic_write_text(out.with_suffix(".json"), json.dumps(sidecar, indent=2, default=str))
+    atomic_write_text(paths["sidecar"], json.dumps(sidecar, indent=2, default=str))
     return sidecar
 
 
@@ -144,15 +233,23 @@ def validation_predictions(run: LoadedRun) -> pl.DataFrame:
     })
 
 
+def check_frame_output(out: Path) -> None:
+    """Refuse a per-row predictions path with another suffix or holding something qin did not write."""
+    out = Path(out)
+    if out.suffix not in (".csv", ".parquet"):
+        raise QinError(f"{out}: output must end in .csv or .parquet")
+    check_replaceable(out, _is_prediction_frame, "an earlier per-row prediction file")
+
+
 def write_frame(frame: pl.DataFrame, out: Path) -> None:
     """CSV or parquet by suffix, atomically."""
+    out = Path(out)
+    check_frame_output(out)
     buffer = io.BytesIO()
     if out.suffix == ".parquet":
         frame.write_parquet(buffer)
-    elif out.suffix == ".csv":
-        frame.write_csv(buffer)
     else:
-        raise QinError(f"{out}: output must end in .csv or .parquet")
+        frame.write_csv(buffer)
     atomic_write_bytes(out, buffer.getvalue())
 
 
@@ -174,8 +271,23 @@ def evaluate_run(run: LoadedRun, truth_dir: Path | None = None) -> dict[str, flo
             raise QinError(f"{truth_path}: {truth.height} rows, the validation split has {len(labels)}")
         p_true = truth["p_true"].to_numpy()
         result["oracle_auc"] = auc(labels, p_true)
+        _check_truth_matches(Path(truth_dir), result["oracle_auc"], run.features.dir)
         result["oracle_logloss"] = logloss(labels, p_true)
     return result
+
+
+def _check_truth_matches(truth_dir: Path, oracle_auc: float, feature_dir: Path) -> None:
+    """The generator's meta.json records its oracle AUC on valid: truth of another data set with the
+    same row count gives another AUC on these labels, so a mismatch means the wrong truth folder."""
+    meta_path = truth_dir / "meta.json"
+    try:
+        recorded = json.loads(meta_path.read_text())["auc"]["oracle_valid"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no record to compare with (a hand-made truth folder)
+    if abs(float(recorded) - oracle_auc) > 1e-6:
+        raise QinError(f"{truth_dir}: this truth does not belong to the validation split of {feature_dir} "
+                       f"(its meta.json records oracle AUC {float(recorded):.6f}, these labels give "
+                       f"{oracle_auc:.6f}); pass the hidden/ folder written with this data set")
 
 
 def one_request(run: LoadedRun, history: np.ndarray, candidates: np.ndarray, likes: np.ndarray,

@@ -5,14 +5,20 @@ A run folder holds:
     metrics.jsonl    one JSON line per evaluation
     last.pt          full training state after the latest epoch/evaluation (for --resume)
     best.pt          model weights of the best evaluation, with config and vocab (for predict)
+    checkpoints.json the sha256 of best.pt and last.pt, checked on every load
     result.json      the run's final summary; also appended to <run_root>/results.jsonl
 Every file is written to a temporary name and renamed into place, so a crash never leaves a
-half-written checkpoint where a reader would take it for a whole one.
+half-written checkpoint where a reader would take it for a whole one. Files get the user's umask
+(0644 by default), like any file a command writes. Checkpoints are loaded with
+``torch.load(weights_only=True)``: they hold tensors and plain values only, so loading someone
+else's checkpoint cannot run code.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import io
 import json
 import os
 import subprocess
@@ -25,6 +31,10 @@ import torch
 from qin.errors import QinError
 
 CHECKPOINT_FORMAT = "qin-checkpoint-v1"
+DIGESTS = "checkpoints.json"
+DIGESTS_FORMAT = "qin-checkpoint-digests-v1"
+# What a run folder written by `qin train` holds (see the module docstring); `--overwrite` removes these only.
+RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "best.pt", DIGESTS, "result.json")
 
 
 def git_commit() -> str | None:
@@ -60,7 +70,75 @@ def latest_run_dir(run_root: Path) -> Path:
     return candidates[-1].parent
 
 
+def is_run_dir(folder: Path) -> bool:
+    """Whether `folder` looks like one `qin train` wrote: config.yaml plus a checkpoint or metrics."""
+    folder = Path(folder)
+    return (folder / "config.yaml").is_file() and any(
+        (folder / name).exists() for name in ("last.pt", "best.pt", "metrics.jsonl"))
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool) -> bool:
+    """Make `run_dir` ready for a fresh run; True when this call created the folder.
+
+    A folder that does not exist is created; an empty one is used. An earlier run's folder is
+    replaced only with `overwrite` (then only the files a run writes are removed; anything else in
+    it stays). A folder with other content is never used: qin would mix its files into it.
+    """
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise QinError(f"{run_dir}: exists and is a file, not a run folder")
+    if not run_dir.exists():
+        run_dir.mkdir(parents=True)
+        return True
+    entries = sorted(path.name for path in run_dir.iterdir())
+    if not entries:
+        return False
+    if not is_run_dir(run_dir):
+        raise QinError(f"{run_dir}: exists and is not a qin run folder (holds {', '.join(entries[:5])}"
+                       f"{', ...' if len(entries) > 5 else ''}); choose a new or empty folder")
+    if not overwrite:
+        state = "a finished run" if (run_dir / "result.json").is_file() else "an unfinished run"
+        raise QinError(f"{run_dir}: already holds {state}; continue it with `qin train --resume {run_dir}`, "
+                       "replace it with --overwrite, or choose another --run-dir")
+    for name in RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    return False
+
+
+def remove_unstarted_run(run_dir: Path) -> None:
+    """Remove a run folder this command created when the run failed before its first checkpoint.
+
+    Only the files a run writes are removed, and the folder only if that leaves it empty.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or (run_dir / "last.pt").exists() or (run_dir / "best.pt").exists():
+        return
+    for name in RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    for leftover in run_dir.glob(".*.tmp"):
+        leftover.unlink(missing_ok=True)
+    if not any(run_dir.iterdir()):
+        run_dir.rmdir()
+
+
+def file_mode() -> int:
+    """The mode a plainly created file gets: 0666 minus the umask (0644 with the usual 022).
+
+    `tempfile.mkstemp` creates 0600 files; renaming one into place would keep that and hide a
+    submission or checkpoint from everyone else.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to a temporary file beside `path`, fsync, then rename over `path`.
+
+    A reader sees the old file or the new one, never a part; on any failure (a full disk, an
+    interrupt) the temporary file is removed and `path` is untouched.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -68,6 +146,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+            os.fchmod(handle.fileno(), file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -79,32 +158,75 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """torch.save to a temporary file in the same folder, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Serialise `state`, record its sha256 in the folder's checkpoints.json, write it atomically.
+
+    The digest list names the new digest beside the old one while the file is replaced, so a crash
+    at any point leaves a checkpoint whose digest is recorded. Serialising to memory first means a
+    full disk is an OSError from the write, not a torch error about zip positions.
+    """
+    path = Path(path)
+    buffer = io.BytesIO()
+    torch.save({"format": CHECKPOINT_FORMAT, **state}, buffer)
+    data = buffer.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    recorded = _read_digests(path.parent)
+    previous = [old for old in recorded.get(path.name, []) if old != digest][-1:]
+    _write_digests(path.parent, {**recorded, path.name: previous + [digest]})
+    atomic_write_bytes(path, data)
+    _write_digests(path.parent, {**recorded, path.name: [digest]})
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a qin checkpoint on CPU; a clear error for a missing, foreign or corrupt file."""
+    """Load a qin checkpoint on CPU; a clear error for a missing, foreign, corrupt or altered file.
+
+    When the folder has a checkpoints.json (every run since it was introduced), the file's sha256
+    must be one recorded there: flipped bytes inside a tensor would otherwise load silently and
+    change every prediction.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / "best.pt"
     if not path.is_file():
         raise QinError(f"checkpoint not found: {path}")
+    data = path.read_bytes()
+    recorded = _read_digests(path.parent)
+    if recorded and hashlib.sha256(data).hexdigest() not in recorded.get(path.name, []):
+        raise QinError(f"{path}: content does not match the sha256 recorded in {path.parent / DIGESTS} "
+                       "(the file was corrupted or replaced); refusing to load it")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch raises many types for a truncated/corrupt file
-        raise QinError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error})") from error
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a truncated/corrupt/foreign file
+        raise QinError(f"{path}: not a readable checkpoint ({_load_failure(error)})") from error
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise QinError(f"{path}: not a qin checkpoint (expected format {CHECKPOINT_FORMAT})")
     return state
+
+
+def _load_failure(error: Exception) -> str:
+    """Why torch.load failed, in one short line (its weights-only message is a page of advice)."""
+    text = str(error).strip()
+    if "Weights only load failed" in text:
+        return "it holds pickled Python objects besides tensors and plain values; qin never unpickles those"
+    first_line = text.splitlines()[0] if text else ""
+    return f"{type(error).__name__}: {first_line[:200]}"
+
+
+def _read_digests(folder: Path) -> dict[str, list[str]]:
+    """checkpoints.json's {file name: accepted sha256 list}; empty when the folder has none."""
+    path = folder / DIGESTS
+    if not path.is_file():
+        return {}
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise QinError(f"{path}: cannot read the checkpoint digests ({error})") from error
+    if not isinstance(content, dict) or content.get("format") != DIGESTS_FORMAT:
+        raise QinError(f"{path}: not a qin checkpoint digest file (expected format {DIGESTS_FORMAT})")
+    return {name: list(digests) for name, digests in content.get("sha256", {}).items()}
+
+
+def _write_digests(folder: Path, digests: dict[str, list[str]]) -> None:
+    atomic_write_text(folder / DIGESTS, json.dumps({"format": DIGESTS_FORMAT, "sha256": digests}, indent=2))
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -115,6 +237,17 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Every complete line of a JSON-lines file. A torn last line (a process killed mid-append) is
+    skipped; a bad line before the end is an error naming the file and line."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if number == len(lines):
+                break
+            raise QinError(f"{path}: line {number} is not valid JSON ({error})") from error
+    return records

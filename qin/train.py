@@ -10,6 +10,11 @@ validation split is scored once more.
 Resuming: `last.pt` (written atomically after every evaluation and every epoch) carries the
 model, optimizer, RNG states and loop counters; the epoch's row order is a pure function of
 (seed, epoch), so a resumed run replays exactly the batches an uninterrupted run would see.
+
+Guards: a validation split with one class is refused before the first step (AUC is undefined, so
+no checkpoint could ever be chosen); a step whose loss is NaN, infinite or above `train.max_loss`
+stops the run with an error naming the step, before anything of that step is saved, so best.pt
+and last.pt stay those of the last good evaluation.
 """
 
 from __future__ import annotations
@@ -37,7 +42,14 @@ from qin.errors import QinError
 from qin.features.io import FeatureSet
 from qin.metrics import auc, logloss
 from qin.model import CTRModel, build_model
-from qin.runs import append_jsonl, atomic_write_text, git_commit, load_checkpoint, save_checkpoint
+from qin.runs import (
+    append_jsonl,
+    atomic_write_text,
+    git_commit,
+    load_checkpoint,
+    read_jsonl,
+    save_checkpoint,
+)
 
 
 @dataclass
@@ -128,6 +140,10 @@ def evaluate(model: CTRModel, split: SplitTensors, device: torch.device, train_c
     if dist.world_size > 1:
         probabilities = distributed.gather_interleaved(probabilities, split.rows, dist)
         labels = split.label.double().numpy()
+    if not np.isfinite(probabilities).all():
+        bad = int(np.flatnonzero(~np.isfinite(probabilities))[0])
+        raise QinError(f"the model predicts {probabilities[bad]} for validation row {bad}: its weights hold "
+                       "NaN or infinite values (training diverged); lower train.learning_rate")
     return {"auc": auc(labels, probabilities), "logloss": logloss(labels, probabilities)}
 
 
@@ -153,6 +169,8 @@ def fit(cfg: Config, features: FeatureSet, run_dir: Path, resume: bool = False, 
     valid_split = SplitTensors.from_arrays(features.split("valid"))
     if train_split.label is None:
         raise QinError(f"{features.dir}: the train split has no labels")
+    check_two_classes(features, "valid", valid_split)
+    check_two_classes(features, "train", train_split)
     if dist.world_size > 1:
         # Each process takes every W-th row of the globally shuffled order (see _shard_order),
         # so W processes with batch b/W see together what one process with batch b sees.
@@ -168,7 +186,9 @@ def fit(cfg: Config, features: FeatureSet, run_dir: Path, resume: bool = False, 
     optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.learning_rate)
     state = LoopState()
     if resume:
-        state = _restore(run_dir / "last.pt", model, optimizer, cfg)
+        state = _restore(run_dir / "last.pt", model, optimizer, cfg, features)
+        if dist.is_main:
+            _trim_metrics(run_dir / "metrics.jsonl", state.global_step)
     elif dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
@@ -184,7 +204,7 @@ def fit(cfg: Config, features: FeatureSet, run_dir: Path, resume: bool = False, 
     steps_per_epoch = full_batches + (1 if tail_rows and tail_rows >= dist.world_size else 0)
     eval_every = train_cfg.eval_steps
     metrics_path = run_dir / "metrics.jsonl"
-    evaluations = [] if not resume else _read_evaluations(metrics_path)
+    evaluations = [] if not resume else read_jsonl(metrics_path)
 
     bar = _progress_bar(console, enabled=progress and dist.is_main)
     with bar:
@@ -198,6 +218,7 @@ def fit(cfg: Config, features: FeatureSet, run_dir: Path, resume: bool = False, 
                 batch = batch.to(device, non_blocking=True)
                 apply_warmup(optimizer, train_cfg, state.global_step)
                 loss_value = float(step_fn(batch))  # float() waits for the device: honest timings
+                check_loss(loss_value, state, train_cfg)
                 seconds = time.perf_counter() - started
                 state.train_seconds += seconds
                 state.global_step += 1
@@ -225,17 +246,17 @@ def fit(cfg: Config, features: FeatureSet, run_dir: Path, resume: bool = False, 
                     if state.finished:
                         break
                     if not at_epoch_end:
-                        _save_last(run_dir, model, optimizer, cfg, state, dist)
+                        _save_last(run_dir, model, optimizer, cfg, state, dist, features)
             else:  # the epoch ran to its end
                 state.epoch += 1
                 state.batch_in_epoch = 0
-            _save_last(run_dir, model, optimizer, cfg, state, dist)
+            _save_last(run_dir, model, optimizer, cfg, state, dist, features)
         state.finished = True
-        _save_last(run_dir, model, optimizer, cfg, state, dist)
+        _save_last(run_dir, model, optimizer, cfg, state, dist, features)
 
     distributed.barrier(dist)
     best = load_checkpoint(run_dir / "best.pt")
-    model.load_state_dict(best["model_state"])
+    load_weights(model, best["model_state"], run_dir / "best.pt")
     final = evaluate(model, valid_split, device, train_cfg, dist)
     result = FitResult(run_dir=run_dir, best_auc=state.best_auc, best_epoch=state.best_epoch,
                        best_step=state.best_step, valid_auc=final["auc"], valid_logloss=final["logloss"],
@@ -247,6 +268,39 @@ def fit(cfg: Config, features: FeatureSet, run_dir: Path, resume: bool = False, 
         atomic_write_text(run_dir / "result.json", json.dumps(summary, indent=2, default=str))
         append_jsonl(Path(train_cfg.run_root) / "results.jsonl", summary)
     return result
+
+
+def check_two_classes(features: FeatureSet, name: str, split: SplitTensors) -> None:
+    """Refuse a split whose labels are all 0 or all 1: on valid the AUC that picks checkpoints is
+    undefined, on train there is nothing to learn (e.g. positive-only raw logs)."""
+    labels = split.label
+    if labels is None or labels.numel() == 0:
+        return
+    positives = int(labels.sum().item())
+    if positives in (0, labels.numel()):
+        only = "1 (positive)" if positives else "0 (negative)"
+        why = ("the validation AUC that picks the best checkpoint is undefined" if name == "valid"
+               else "there is nothing to tell apart")
+        raise QinError(f"{features.dir / name}: every one of the {labels.numel():,} labels is {only}; {why}. "
+                       f"The {name} split needs both clicks and non-clicks")
+
+
+def check_loss(loss_value: float, state: LoopState, train_cfg: TrainConfig) -> None:
+    """Stop a run whose step loss is NaN, infinite or above `train.max_loss` (it has diverged).
+
+    Called before anything of the step is saved: best.pt and last.pt stay those of the last
+    evaluation before it, and `--resume` after lowering the learning rate starts from there.
+    """
+    step = state.global_step + 1  # this step's 1-based number, as metrics.jsonl counts
+    if math.isfinite(loss_value) and (train_cfg.max_loss is None or loss_value <= train_cfg.max_loss):
+        return
+    what = (f"became {loss_value}" if not math.isfinite(loss_value)
+            else f"reached {loss_value:.4g} > train.max_loss {train_cfg.max_loss:g}")
+    kept = (f"best.pt (valid AUC {state.best_auc:.5f}, step {state.best_step}) and last.pt are from before it"
+            if state.best_step > 0 else "no checkpoint was saved before it")
+    raise QinError(f"training diverged: the loss {what} at step {step} (epoch {state.epoch + 1}); stopped. "
+                   f"{kept}. Lower train.learning_rate (now {train_cfg.learning_rate:g}) or "
+                   "train.max_grad_norm and train again")
 
 
 def make_train_step(model: CTRModel, train_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -324,6 +378,9 @@ def _evaluate_and_schedule(model: CTRModel, valid_split: SplitTensors, device: t
     """Evaluate; save best or decay the LR; decide early stopping (FuxiCTR checkpoint_and_earlystop)."""
     train_cfg = cfg.train
     metrics = evaluate(model, valid_split, device, train_cfg, dist)
+    if not math.isfinite(metrics["auc"]):
+        raise QinError(f"validation AUC is undefined at step {state.global_step} (epoch {state.epoch + 1}): "
+                       "the validation split has a single class or the model predicts NaN; stopped")
     lr_used = optimizer.param_groups[0]["lr"]
     improved = metrics["auc"] >= state.best_auc + train_cfg.min_delta
     if improved:
@@ -334,7 +391,8 @@ def _evaluate_and_schedule(model: CTRModel, valid_split: SplitTensors, device: t
                 "config": cfg.to_dict(), "vocab": dataclasses.asdict(vocab),
                 "model_state": model.state_dict(),
                 "epoch": state.epoch + 1, "step": state.global_step, "valid_auc": metrics["auc"],
-                "valid_logloss": metrics["logloss"], "feature_dir": str(features.dir),
+                "valid_logloss": metrics["logloss"], "feature_dir": str(features.dir.resolve()),
+                "mm_dim": int(features.item_emb.shape[1]),
                 "git_commit": git_commit(),
             })
     else:
@@ -350,38 +408,85 @@ def _evaluate_and_schedule(model: CTRModel, valid_split: SplitTensors, device: t
 
 
 def _save_last(run_dir: Path, model: CTRModel, optimizer: torch.optim.Optimizer, cfg: Config,
-               state: LoopState, dist: distributed.Context) -> None:
+               state: LoopState, dist: distributed.Context, features: FeatureSet) -> None:
     if not dist.is_main:
         return
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
     save_checkpoint(run_dir / "last.pt", {
-        "config": cfg.to_dict(), "model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),
+        "config": cfg.to_dict(), "vocab": dataclasses.asdict(vocab_of(features)),
+        "model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),
         "loop_state": dataclasses.asdict(state), "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "numpy_rng": np.random.get_state(), "python_rng": random.getstate(),
+        # Plain values and tensors only, so the file loads with weights_only=True.
+        "numpy_rng": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)),
+                      "position": int(position), "has_gauss": int(has_gauss),
+                      "cached_gaussian": float(cached_gaussian)},
+        "python_rng": random.getstate(),
+        "feature_dir": str(features.dir.resolve()), "feature_sources": features_fingerprint(features),
+        "mm_dim": int(features.item_emb.shape[1]),
     })
 
 
-def _restore(path: Path, model: CTRModel, optimizer: torch.optim.Optimizer, cfg: Config) -> LoopState:
+def features_fingerprint(features: FeatureSet) -> dict[str, str]:
+    """{input file name: sha256} of the raw files the feature folder was built from."""
+    return {name: entry.get("sha256", "") for name, entry in features.manifest.get("sources", {}).items()}
+
+
+def _restore(path: Path, model: CTRModel, optimizer: torch.optim.Optimizer, cfg: Config,
+             features: FeatureSet) -> LoopState:
     if not path.is_file():
         raise QinError(f"cannot resume: {path} not found (was this run started?)")
     saved = load_checkpoint(path)
     if saved["config"] != cfg.to_dict():
-        raise QinError(f"cannot resume {path.parent}: the config differs from the one it was started with "
-                       f"(see {path.parent / 'config.yaml'})")
-    model.load_state_dict(saved["model_state"])
+        difference = _config_difference(saved["config"], cfg.to_dict())
+        raise QinError(f"cannot resume {path.parent}: the config differs from the one it was started with in "
+                       f"{difference} (see {path.parent / 'config.yaml'})")
+    recorded = saved.get("feature_sources")
+    if recorded is not None and recorded != features_fingerprint(features):
+        changed = sorted(name for name in set(recorded) | set(features_fingerprint(features))
+                         if recorded.get(name) != features_fingerprint(features).get(name))
+        raise QinError(f"cannot resume {path.parent}: the raw data changed since the run started "
+                       f"({', '.join(changed)} differ); start a new run")
+    load_weights(model, saved["model_state"], path)
     optimizer.load_state_dict(saved["optimizer_state"])
     torch.set_rng_state(saved["torch_rng"])
     if saved["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(saved["cuda_rng"])
-    np.random.set_state(saved["numpy_rng"])
+    numpy_rng = saved["numpy_rng"]
+    np.random.set_state((numpy_rng["name"], numpy_rng["keys"].numpy().astype(np.uint32),
+                         numpy_rng["position"], numpy_rng["has_gauss"], numpy_rng["cached_gaussian"]))
     random.setstate(saved["python_rng"])
     return LoopState(**saved["loop_state"])
 
 
-def _read_evaluations(path: Path) -> list[dict[str, Any]]:
+def load_weights(model: CTRModel, state: dict[str, torch.Tensor], source: Path) -> None:
+    """`model.load_state_dict`, with a one-line error when the shapes were made for other features."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        detail = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line
+                       or "Missing key" in line or "Unexpected key" in line), str(error).splitlines()[0])
+        raise QinError(f"{source}: the checkpoint does not fit these features or this model ({detail}); "
+                       "use the feature folder and config it was trained with") from error
+
+
+def _config_difference(saved: dict[str, Any], current: dict[str, Any]) -> str:
+    """The first differing keys, as 'train.epochs (3 -> 5)'."""
+    changes = []
+    for section in sorted(set(saved) | set(current)):
+        old, new = saved.get(section, {}), current.get(section, {})
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                changes.append(f"{section}.{key} ({old.get(key)!r} -> {new.get(key)!r})")
+    return ", ".join(changes[:3]) + (", ..." if len(changes) > 3 else "") if changes else "its layout"
+
+
+def _trim_metrics(path: Path, last_step: int) -> None:
+    """Drop evaluations logged after last.pt was saved (a resumed run logs them again) and a torn line."""
     if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return
+    kept = [record for record in read_jsonl(path) if record.get("step", 0) <= last_step]
+    atomic_write_text(path, "".join(json.dumps(record, default=str) + "\n" for record in kept))
 
 
 def _format_record(record: dict[str, Any]) -> str:

@@ -152,8 +152,11 @@ def test_learning_curves_parse(tmp_path):
     assert curves.schema["valid_auc"] == pl.Float64
     with pytest.raises(QinError, match="no metrics log"):
         analysis.learning_curves(tmp_path / "missing")
-    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "valid_auc": 0.5}\nnot json\n')
-    with pytest.raises(QinError, match="not JSON"):
+    # A torn last line (a run killed mid-append) is skipped; a bad line before the end is an error.
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "valid_auc": 0.5}\n{"step": 2, "valid_au')
+    assert analysis.learning_curves(tmp_path)["step"].to_list() == [1]
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "valid_auc": 0.5}\nnot json\n{"step": 2}\n')
+    with pytest.raises(QinError, match="line 2 is not valid JSON"):
         analysis.learning_curves(tmp_path)
 
 

@@ -268,6 +268,16 @@ def _swap_item_rows(frame: pl.DataFrame) -> pl.DataFrame:
     return frame[order]
 
 
+def _labels(file: str, value: float) -> Mutation:
+    """Every label of one split set to ``value`` (a one-class split)."""
+    return _rewrite(file, lambda f: f.with_columns(pl.lit(value, dtype=pl.Float64).alias("label")))
+
+
+def _ids(change: Callable[[pl.Series], pl.Series]) -> Mutation:
+    """test.parquet with its ID column changed (IDs must be 0..n-1 in row order)."""
+    return _rewrite("test.parquet", lambda f: f.with_columns(change(f["ID"]).alias("ID")))
+
+
 BAD_INPUTS: dict[str, tuple[Mutation, str, str, int | None]] = {
     # name: (mutation, file, column (or text) in the message, first bad row or None)
     "missing file": (lambda raw: (raw / "valid.parquet").unlink(), "valid.parquet", "not found", None),
@@ -352,6 +362,50 @@ BAD_INPUTS: dict[str, tuple[Mutation, str, str, int | None]] = {
         "item_emb_d128",
         3,
     ),
+    "valid all clicks": (
+        _labels("valid.parquet", 1.0),
+        "valid.parquet",
+        "only one class (all 7 rows are 1)",
+        None,
+    ),
+    "valid no clicks": (
+        _labels("valid.parquet", 0.0),
+        "valid.parquet",
+        "only one class (all 7 rows are 0)",
+        None,
+    ),
+    "train all clicks": (
+        _labels("train.parquet", 1.0),
+        "train.parquet",
+        "only one class (all 10 rows are 1)",
+        None,
+    ),
+    "test ID shuffled": (
+        _ids(lambda ids: ids.scatter([2, 3], [3, 2])),
+        "test.parquet",
+        "'ID' must equal the row index",
+        2,
+    ),
+    "test ID duplicated": (
+        _set("ID", 5, 4, "test.parquet"),
+        "test.parquet",
+        "'ID' must equal the row index",
+        5,
+    ),
+    "test ID offset": (_ids(lambda ids: ids + 1), "test.parquet", "'ID' must equal the row index", 0),
+    "test ID null": (_set("ID", 6, None, "test.parquet"), "test.parquet", "'ID' is null", 6),
+    "tag id huge": (
+        _set("item_tags", 3, [1, 2, 2_000_000_000, 4, 5], "item_info.parquet"),
+        "item_info.parquet",
+        "item_tags' holds a tag id above 10,000,000",
+        3,
+    ),
+    "item_emb overflows float32": (
+        _set("item_emb_d128", 5, [0.5] * 10 + [-1e300] + [0.5] * (EMB_DIM - 11), "item_info.parquet"),
+        "item_info.parquet",
+        "'item_emb_d128' holds a value that overflows float32",
+        5,
+    ),
     "item_emb ints": (
         _rewrite(
             "item_info.parquet", lambda f: f.with_columns(pl.col("item_emb_d128").cast(pl.List(pl.Int64)))
@@ -377,6 +431,46 @@ def test_bad_input_names_file_column_row_and_leaves_nothing(tmp_path: Path, case
         assert f"row {row}," in message, message
     assert not out.exists()
     assert leftovers(tmp_path) == []
+
+
+def test_one_class_and_id_messages_say_why(tmp_path: Path) -> None:
+    raw = write_raw(tmp_path)
+    _labels("valid.parquet", 1.0)(raw)
+    with pytest.raises(QinError) as info:
+        build(raw, tmp_path / "f")
+    assert str(info.value).startswith(
+        f"{raw / 'valid.parquet'}: column 'label' holds only one class (all 7 rows are 1); "
+        "validation AUC is undefined"
+    )
+
+    raw = write_raw(tmp_path)
+    _labels("train.parquet", 1.0)(raw)
+    with pytest.raises(QinError, match="positive-only logs") as info:
+        build(raw, tmp_path / "f")
+    assert "train.parquet" in str(info.value) and "\n" not in str(info.value)
+
+    raw = write_raw(tmp_path)
+    _ids(lambda ids: ids + 100)(raw)
+    with pytest.raises(QinError) as info:
+        build(raw, tmp_path / "f")
+    message = str(info.value)
+    assert "IDs 0..n-1 in test-row order" in message and "duplicated, shuffled or offset" in message
+    assert message.endswith("(first bad row 0, 0-based: 100)"), message
+
+
+def test_float32_overflow_quotes_the_value_and_largest_float32_passes(tmp_path: Path) -> None:
+    raw = write_raw(tmp_path)
+    _set("item_emb_d128", 2, [1e300] * EMB_DIM, "item_info.parquet")(raw)
+    with pytest.raises(QinError, match=r"row 2, 0-based: 1e\+300\)"):
+        build(raw, tmp_path / "f")
+
+    largest = float(np.finfo(np.float32).max)
+    _set("item_emb_d128", 2, [-largest] * EMB_DIM, "item_info.parquet")(raw)
+    _set("item_tags", 1, [1, 2, 3, 4, 10_000_000], "item_info.parquet")(raw)  # MAX_TAG_ID itself is fine
+    build(raw, tmp_path / "f")
+    fs = load_features(tmp_path / "f")
+    assert np.isfinite(fs.item_emb).all() and fs.item_emb[2, 0] == -largest
+    assert fs.manifest["tag_vocab"] == 10_000_002
 
 
 def test_bad_input_keeps_previous_complete_build(tmp_path: Path) -> None:

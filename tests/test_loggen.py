@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ from qin.cli import app
 from qin.errors import QinError
 from qin.features.pipeline import build_features
 from qin.loggen import DEFAULT_LOG_PARAMS, LOG_SIZES, LogSize, generate_logs, log_params_with
-from qin.synth import expected_auc
+from qin.synth import SynthSize, expected_auc, synthesize
 
 TINY = LOG_SIZES[LogSize.tiny]
 FILES = ["MicroLens_1M_x1/train.parquet", "MicroLens_1M_x1/valid.parquet", "MicroLens_1M_x1/test.parquet",
@@ -140,6 +142,67 @@ def test_refuses_foreign_folders_and_replaces_its_own(tmp_path: Path) -> None:
     generate_logs(ours, LogSize.tiny, seed=1)  # an earlier loggen output is replaced
     assert _meta(ours)["seed"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ours", "real", "stray"], "no temp folder left"
+
+
+def _snapshot(folder: Path) -> dict[str, bytes | None]:
+    """Every path under folder (relative) with its bytes (None for a folder)."""
+    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in folder.rglob("*")}
+
+
+def test_cli_refuses_a_folder_of_real_raw_files(tmp_path: Path) -> None:
+    """Regression: the organisers' item_feature.parquet and item_images/ must never be replaced."""
+    out = tmp_path / "raw"
+    (out / "item_images").mkdir(parents=True)
+    (out / "item_images" / "1.jpg").write_bytes(b"\xff\xd8 a real cover")
+    (out / "item_feature.parquet").write_bytes(b"PAR1 the organisers' item features")
+    before = _snapshot(out)
+    result = CliRunner().invoke(app, ["synth", "--process", "logs", "--size", "tiny", "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert str(out) in message and "item_feature.parquet, item_images" in message
+    assert _snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"], "no temp folder left"
+
+
+def test_each_generator_replaces_the_others_output(tmp_path: Path) -> None:
+    out = tmp_path / "data"
+    synthesize(out, SynthSize.tiny, seed=0, images=True, progress=False)
+    (out / "notes.txt").write_text("mine")
+    generate_logs(out, LogSize.tiny, seed=0)
+    # The demo generator's item_*.parquet and item_images/ go too: left there, nothing would vouch for them.
+    assert sorted(p.name for p in out.iterdir()) == ["MicroLens_1M_x1", "hidden", "notes.txt"]
+    assert _meta(out)["outputs"] == ["MicroLens_1M_x1", "hidden"]
+    synthesize(out, SynthSize.tiny, seed=0, images=False, progress=False)
+    assert _meta(out)["generator"] == "qin.synth" and (out / "item_feature.parquet").is_file()
+    generate_logs(out, LogSize.tiny, seed=1)
+    assert _meta(out)["generator"] == "loggen" and _meta(out)["seed"] == 1
+    assert (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"], "no temp folder left"
+
+
+def test_stale_temp_folders_are_removed_live_ones_kept(tmp_path: Path) -> None:
+    dead_pid = 2**22 + 12345  # above Linux's largest pid_max: never a live process
+    stale = tmp_path / f".data.tmp-{dead_pid}-k1ll3d_9"
+    running = tmp_path / f".data.tmp-{os.getppid()}-l1v3_123"
+    for folder in (stale, running):
+        (folder / "hidden").mkdir(parents=True)
+    generate_logs(tmp_path / "data", LogSize.tiny)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([running.name, "data"])
+
+
+def test_os_errors_are_one_line_errors_and_leave_no_temp_folder(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_space(path: Path, *args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr("qin.loggen.generate.write_split", no_space)
+    out = tmp_path / "data"
+    with pytest.raises(QinError, match=r"train.parquet: no space left on the device \(writing the synth"):
+        generate_logs(out, LogSize.tiny)
+    assert list(tmp_path.iterdir()) == []
+    result = CliRunner().invoke(app, ["synth", "--process", "logs", "--size", "tiny", "--out", str(out)])
+    assert result.exit_code == 2 and "no space left" in result.output and "Traceback" not in result.output
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_bad_arguments_are_clear_errors(tmp_path: Path) -> None:

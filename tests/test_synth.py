@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +16,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import roc_auc_score
+from typer.testing import CliRunner
 
+from qin.cli import app
 from qin.errors import QinError
+from qin.layout import process_alive
 from qin.synth import (
     DEFAULT_PARAMS,
     SIZES,
@@ -253,18 +262,138 @@ def test_deterministic_per_seed(tiny: SynthResult, tmp_path: Path) -> None:
 
 def test_test_label_const0_and_rerun_replaces(tmp_path: Path) -> None:
     out = tmp_path / "data"
-    synthesize(out, SynthSize.tiny, seed=0, images=False, progress=False)
-    (out / "item_images").mkdir()  # as if an earlier run had written images
-    (out / "item_images" / "1.jpg").write_bytes(b"old")
+    first = synthesize(out, SynthSize.tiny, seed=0, images=True, progress=False)
+    assert first.meta["outputs"] == ["MicroLens_1M_x1", "item_feature.parquet", "item_emb.parquet",
+                                     "item_seq.parquet", "item_images", "hidden"]
     (out / "notes.txt").write_text("mine")  # not an output: must survive
     res = synthesize(out, SynthSize.tiny, seed=0, test_label=True, images=False, progress=False)
     path = out / "MicroLens_1M_x1" / "test.parquet"
     assert _schema(path) == [("ID", I64)] + ROW_SCHEMA + [("label", F64)]
     assert (pq.read_table(path, columns=["label"])["label"].to_numpy() == 0.0).all()
-    assert res.meta["test_label"] == "const0"
+    assert res.meta["test_label"] == "const0" and "item_images" not in res.meta["outputs"]
     assert not (out / "item_images").exists(), "outputs of the previous run are replaced as a whole"
     assert (out / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+    synthesize(out, SynthSize.tiny, seed=1, images=True, progress=False)  # and images come back
+    assert (out / "item_images").is_dir() and (out / "notes.txt").read_text() == "mine"
+
+
+def _snapshot(folder: Path) -> dict[str, bytes | None]:
+    """Every path under folder (relative) with its bytes (None for a folder)."""
+    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in folder.rglob("*")}
+
+
+def _users_raw_files(folder: Path) -> None:
+    """The organisers' raw files as a user unpacks them, without MicroLens_1M_x1/."""
+    (folder / "item_images").mkdir(parents=True)
+    (folder / "item_images" / "1.jpg").write_bytes(b"\xff\xd8 a real cover")
+    (folder / "item_feature.parquet").write_bytes(b"PAR1 the organisers' item features")
+
+
+def test_cli_refuses_a_folder_of_real_raw_files(tmp_path: Path) -> None:
+    """Regression: the guard looked at MicroLens_1M_x1/ only, and the install then deleted the user's
+    item_feature.parquet and item_images/."""
+    out = tmp_path / "raw"
+    _users_raw_files(out)
+    before = _snapshot(out)
+    result = CliRunner().invoke(app, ["synth", "--size", "tiny", "--no-images", "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert str(out) in message and "item_feature.parquet, item_images" in message
+    assert "empty folder" in message and "Traceback" not in result.output
+    assert _snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"], "no temp folder left"
+
+
+def test_refuses_output_names_the_earlier_run_did_not_write(tmp_path: Path) -> None:
+    out = tmp_path / "data"
+    synthesize(out, SynthSize.tiny, seed=0, images=False, progress=False)
+    (out / "item_images").mkdir()  # the user drops real covers into a no-images demo folder
+    (out / "item_images" / "1.jpg").write_bytes(b"a real cover")
+    before = _snapshot(out)
+    with pytest.raises(QinError, match="holds item_images, not written by"):
+        synthesize(out, SynthSize.tiny, seed=1, images=False, progress=False)
+    assert _snapshot(out) == before
+    # A marker that is not qin's, or that lists nothing, proves nothing: every entry is foreign.
+    shutil.rmtree(out / "item_images")
+    meta_path = out / "hidden" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    for marker in [{**meta, "generator": "someone else"}, {**meta, "outputs": "all"}, [meta], "{not json"]:
+        meta_path.write_text(marker if isinstance(marker, str) else json.dumps(marker))
+        with pytest.raises(QinError, match="MicroLens_1M_x1, hidden, item_emb.parquet"):
+            synthesize(out, SynthSize.tiny, progress=False)
+    # A marker of a run before meta.json listed its outputs: what that run always wrote.
+    meta_path.write_text(json.dumps({k: v for k, v in meta.items() if k != "outputs"}))
+    synthesize(out, SynthSize.tiny, seed=2, images=False, progress=False)
+    assert json.loads(meta_path.read_text())["seed"] == 2
+
+
+def test_a_folder_without_marker_is_refused_even_without_output_names(tmp_path: Path) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(QinError, match=r"holds notes.txt, not written by `qin synth` \(no hidden/meta.json"):
+        synthesize(out, SynthSize.tiny, images=False, progress=False)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    (tmp_path / "empty").mkdir()
+    synthesize(tmp_path / "empty", SynthSize.tiny, images=False, progress=False)  # an empty folder is fine
+
+
+def test_stale_temp_folders_of_killed_runs_are_removed(tmp_path: Path) -> None:
+    """A `kill -9` leaves .<out>.tmp-<pid>-<random>/; the next run removes it unless its process lives."""
+    dead_pid = 2**22 + 12345  # above Linux's largest pid_max: never a live process
+    assert not process_alive(dead_pid) and process_alive(os.getppid())
+    stale = tmp_path / f".data.tmp-{dead_pid}-abc123_x"
+    running = tmp_path / f".data.tmp-{os.getppid()}-def456_y"  # a concurrent run of a live process
+    other = tmp_path / f".other.tmp-{dead_pid}-abc123_x"  # another output's: not ours to judge here
+    for folder in (stale, running, other):
+        (folder / "MicroLens_1M_x1").mkdir(parents=True)
+    synthesize(tmp_path / "data", SynthSize.tiny, images=False, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([running.name, other.name, "data"])
+
+
+def test_a_killed_run_leaves_a_temp_folder_the_next_run_removes(tmp_path: Path) -> None:
+    code = ("import os, signal, sys; from pathlib import Path; from qin.layout import make_temp_dir; "
+            "(make_temp_dir(Path(sys.argv[1])) / 'hidden').mkdir(); os.kill(os.getpid(), signal.SIGKILL)")
+    killed = subprocess.run([sys.executable, "-c", code, str(tmp_path / "data")], check=False)
+    assert killed.returncode == -signal.SIGKILL
+    assert [p.name.split("-")[0] for p in tmp_path.iterdir()] == [".data.tmp"]
+    synthesize(tmp_path / "data", SynthSize.tiny, images=False, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["data"]
+
+
+def _no_space(path: Path, *args: object) -> None:
+    raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+
+def test_os_errors_are_one_line_errors_and_leave_no_temp_folder(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("qin.synth.generate._write_item_seq", _no_space)
+    out = tmp_path / "data"
+    with pytest.raises(QinError, match=r"item_seq.parquet: no space left on the device \(writing the synth"):
+        synthesize(out, SynthSize.tiny, images=False, progress=False)
+    assert list(tmp_path.iterdir()) == []
+    result = CliRunner().invoke(app, ["synth", "--size", "tiny", "--no-images", "--out", str(out)])
+    assert result.exit_code == 2 and "no space left" in result.output and "Traceback" not in result.output
+    assert list(tmp_path.iterdir()) == []
+
+    def read_only(prefix: str, dir: Path) -> str:  # noqa: A002 - tempfile.mkdtemp's own name
+        raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+
+    monkeypatch.setattr("qin.layout.tempfile.mkdtemp", read_only)
+    with pytest.raises(QinError, match=f"{tmp_path}: permission denied"):
+        synthesize(out, SynthSize.tiny, images=False, progress=False)
+
+
+def test_an_interrupt_is_not_converted_and_leaves_no_temp_folder(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupted(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("qin.synth.generate._write_item_seq", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        synthesize(tmp_path / "data", SynthSize.tiny, images=False, progress=False)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_user_errors(tmp_path: Path) -> None:

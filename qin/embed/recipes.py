@@ -29,6 +29,7 @@ from qin.embed.tables import (
     _vector_column,
     _vector_width,
     _write_item_table,
+    check_embed_output,
 )
 from qin.embed.vectors import Fusion, _fusion, fuse, pca_reduce
 from qin.errors import QinError
@@ -76,6 +77,7 @@ def embed_from_precomputed(item_feature: Path, item_info: Path, out: Path, dim: 
         QinError: a file or column is missing, ids do not match item_info, or vectors differ in length.
     """
     start = time.perf_counter()
+    check_embed_output(Path(out), [Path(item_feature), Path(item_info)])
     info = _read_item_info(Path(item_info))
     n_items = info.height - 1
     item_feature = Path(item_feature)
@@ -145,6 +147,7 @@ def embed_from_content(item_feature: Path, item_info: Path, images_dir: Path | N
     start = time.perf_counter()
     fusion = _fusion(fusion)
     item_feature, item_info, out, cache_dir = Path(item_feature), Path(item_info), Path(out), Path(cache_dir)
+    check_embed_output(out, [item_feature, item_info])
     use_text = text_weight > 0
     use_image = image_model is not None and image_weight > 0
     if not use_text and not use_image:

@@ -9,13 +9,38 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 
 from qin.errors import QinError
 from qin.features.io import ITEM_EMB, ITEM_ID, ITEM_TAGS
+from qin.runs import file_mode
 
 ITEM_TITLE = "item_title"
 TXT_EMB = "txt_emb_BERT"  # (768,) frozen BERT vector per item, item_feature.parquet
 IMG_EMB = "img_emb_CLIPRN50"  # (1024,) frozen CLIP-RN50 vector per item, item_feature.parquet
+# Parquet key-value metadata that marks a table `qin embed` wrote: only such a file is ever replaced.
+WRITER_KEY, WRITER_VALUE = b"qin.writer", b"qin embed"
+
+
+def check_embed_output(out: Path, inputs: Sequence[Path]) -> None:
+    """Refuse an --out that is one of the inputs, not a regular file, or a file `qin embed` did not write.
+
+    The organisers' item_info.parquet sits next to the default output; replacing it by mistake would
+    lose the challenge's own vectors.
+    """
+    out = Path(out)
+    if any(out.resolve() == Path(source).resolve() for source in inputs):
+        raise QinError(f"{out}: is one of the input files; write the new table to another path")
+    if out.is_symlink() or (out.exists() and not out.is_file()):
+        raise QinError(f"{out}: exists and is not a regular file; choose a file path")
+    if out.exists():
+        try:
+            written_by = (pq.read_schema(out).metadata or {}).get(WRITER_KEY)
+        except Exception:  # not parquet at all
+            written_by = None
+        if written_by != WRITER_VALUE:
+            raise QinError(f"{out}: exists and was not written by `qin embed`; not replacing it. "
+                           "Move it or choose another --out")
 
 
 def _check_columns(path: Path, columns: Sequence[str]) -> None:
@@ -31,17 +56,19 @@ def _check_columns(path: Path, columns: Sequence[str]) -> None:
             raise QinError(f"{path}: no column {column!r} (has {', '.join(schema.names())})")
 
 
-def _read_parquet(path: Path, columns: Sequence[str]) -> pl.DataFrame:
-    """Named columns of a parquet file, after `_check_columns`."""
-    _check_columns(path, columns)
-    return pl.read_parquet(path, columns=list(columns))
+def _read_parquet(path: Path, columns: Sequence[str] | None = None) -> pl.DataFrame:
+    """Named columns (None: all) of a parquet file, after `_check_columns`; a corrupt file is a QinError."""
+    _check_columns(path, columns or [])
+    try:
+        return pl.read_parquet(path, columns=list(columns) if columns is not None else None)
+    except Exception as exc:  # a corrupt page or truncated file: polars raises several error types
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise QinError(f"{path}: cannot read as parquet ({first_line})") from exc
 
 
 def _read_item_info(path: Path) -> pl.DataFrame:
     """item_info as a frame sorted by item_id, checked to hold exactly the ids 0..N (row i = item i)."""
-    if not path.is_file():
-        raise QinError(f"{path}: file not found")
-    info = pl.read_parquet(path)
+    info = _read_parquet(path)
     for column in (ITEM_ID, ITEM_TAGS):
         if column not in info.columns:
             raise QinError(f"{path}: no column {column!r} (has {', '.join(info.columns)})")
@@ -70,7 +97,12 @@ def _vector_column(frame: pl.DataFrame, column: str, path: Path) -> np.ndarray:
     if lengths.null_count() or lengths.n_unique() != 1:
         raise QinError(f"{path}: column {column!r} must hold vectors of one length, no nulls")
     width = int(lengths[0])
-    return series.cast(pl.Array(pl.Float32, width)).to_numpy().reshape(len(frame), width)
+    matrix = series.cast(pl.Array(pl.Float32, width)).to_numpy().reshape(len(frame), width)
+    bad = np.flatnonzero(~np.isfinite(matrix).all(axis=1))
+    if bad.size:
+        raise QinError(f"{path}: column {column!r} holds a NaN, infinite or float32-overflowing value "
+                       f"(first bad row {int(bad[0])}, 0-based)")
+    return matrix
 
 
 def _vector_width(path: Path, column: str) -> int:
@@ -100,7 +132,10 @@ def _write_item_table(info: pl.DataFrame, item_vectors: np.ndarray, out: Path) -
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        frame.write_parquet(tmp, compression="zstd")
+        table = frame.to_arrow()
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), WRITER_KEY: WRITER_VALUE})
+        pq.write_table(table, tmp, compression="zstd")
+        os.chmod(tmp, file_mode())
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

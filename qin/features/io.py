@@ -20,14 +20,19 @@ slice batches without ever holding the 3.6M-row train split in RAM.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from qin.errors import QinError
 
@@ -48,6 +53,17 @@ ITEM_TAGS = "item_tags"
 ITEM_EMB = "item_emb_d128"
 
 _HASH_BLOCK = 8 * 1024 * 1024  # 8 MiB: streaming hash of multi-GB files in constant memory
+_ZERO_BLOCK = 8 * 1024 * 1024  # 8 MiB of zeros per write() when posix_fallocate is unavailable
+
+# What a failed read of a raw file raises: polars errors (a corrupt page is a ComputeError), a panic
+# in polars' decoder (PanicException derives from BaseException, not Exception), pyarrow errors and
+# OS errors (EIO, a file removed while the build runs).
+_READ_ERRORS: tuple[type[BaseException], ...] = (
+    pl.exceptions.PolarsError,
+    pl.exceptions.PanicException,
+    pa.ArrowException,
+    OSError,
+)
 
 
 def split_file(raw_dir: Path, split: str) -> Path:
@@ -80,12 +96,33 @@ def read_schema(path: Path) -> pl.Schema:
     try:
         return pl.scan_parquet(path).collect_schema()
     except Exception as exc:  # polars raises several error types for a corrupt footer
-        raise QinError(f"{path}: cannot read as parquet ({exc})") from exc
+        raise QinError(f"{path}: cannot read as parquet ({_first_line(exc)})") from exc
+
+
+@contextmanager
+def reading_parquet(path: Path) -> Iterator[None]:
+    """Turn a failed read of the raw file ``path`` into a one-line `QinError` naming the file.
+
+    A corrupt page behind an intact footer passes `read_schema` and fails only when the page is
+    decoded, as a ~40-line polars traceback that names no file. Wrap only reads in this: an error
+    in a computation on data already in memory is a bug and keeps its traceback.
+    """
+    try:
+        yield
+    except _READ_ERRORS as exc:
+        raise QinError(f"{path}: cannot read as parquet ({_first_line(exc)})") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first non-empty line of an error's message (polars appends multi-line context)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
 
 
 def count_rows(path: Path) -> int:
     """Row count from the parquet metadata (polars answers `pl.len()` without decoding columns)."""
-    return int(pl.scan_parquet(path).select(pl.len()).collect().item())
+    with reading_parquet(path):
+        return int(pl.scan_parquet(path).select(pl.len()).collect().item())
 
 
 def row_slices(n_rows: int, chunk_rows: int) -> list[tuple[int, int]]:
@@ -98,17 +135,63 @@ def read_slice(path: Path, columns: list[pl.Expr], offset: int, length: int) -> 
 
     The slice is pushed down into the parquet reader by the streaming engine, so only the row
     groups (and pages) that overlap the slice are decoded: memory is bounded by the chunk size.
+
+    Raises:
+        QinError: naming the file, when a page cannot be read or decoded.
     """
-    return pl.scan_parquet(path).slice(offset, length).select(columns).collect(engine="streaming")
+    with reading_parquet(path):
+        return pl.scan_parquet(path).slice(offset, length).select(columns).collect(engine="streaming")
 
 
 def open_array(path: Path, dtype: np.dtype[Any] | type, shape: tuple[int, ...]) -> np.memmap:
     """Create a preallocated ``.npy`` file and return it as a writable memory map.
 
     Chunks are written straight into the file, so a split never has to exist in RAM as a whole.
+    The file's data blocks are reserved up front (`reserve_blocks`): `open_memmap` makes a sparse
+    file, and a page written through the map on a full disk is a SIGBUS that kills the process
+    (exit 135, temp folder left behind) instead of an OSError.
+
+    Raises:
+        OSError: the file cannot be created or its blocks reserved (ENOSPC on a full disk), with
+            ``filename`` set.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    reserve_blocks(path, array.offset, array.nbytes)
+    return array
+
+
+def reserve_blocks(path: Path, offset: int, length: int) -> None:
+    """Allocate disk blocks for bytes ``[offset, offset + length)`` of an existing file.
+
+    `os.posix_fallocate` reserves them without writing (fast: ext4/xfs/tmpfs mark the extents as
+    unwritten), so a full disk fails here with ENOSPC. Where it is missing (macOS) or the file
+    system refuses it (EOPNOTSUPP, EINVAL) the range is filled with zeros by plain writes instead:
+    a full extra write of the file, acceptable as a fallback only. Neither helps on file systems that
+    compress zero blocks away or defer allocation to close (ZFS with compression, some NFS); there a
+    full disk can still end in SIGBUS.
+    """
+    if length == 0:
+        return
+    try:
+        with path.open("r+b") as handle:
+            fallocate = getattr(os, "posix_fallocate", None)
+            if fallocate is not None:
+                try:
+                    fallocate(handle.fileno(), offset, length)
+                    return
+                except OSError as error:
+                    if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                        raise
+            handle.seek(offset)
+            zeros = bytes(min(_ZERO_BLOCK, length))
+            for start in range(0, length, len(zeros)):
+                handle.write(zeros[: min(len(zeros), length - start)])
+    except OSError as error:
+        if error.filename is not None:
+            raise
+        # fallocate() and write() name no file; the message should.
+        raise OSError(error.errno, error.strerror, str(path)) from error
 
 
 def write_manifest(feature_dir: Path, manifest: dict[str, Any]) -> None:

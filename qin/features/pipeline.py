@@ -33,7 +33,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 import qin
-from qin.errors import QinError
+from qin.errors import QinError, os_error
 from qin.features import steps, validate
 from qin.features.io import (
     FORMAT_VERSION,
@@ -53,6 +53,7 @@ from qin.features.io import (
     open_array,
     read_manifest,
     read_slice,
+    reading_parquet,
     row_slices,
     sha256_file,
     source_entry,
@@ -120,8 +121,10 @@ def build_features(
         BuildResult; ``rebuilt`` is False when inputs and config matched the existing manifest.
 
     Raises:
-        QinError: a missing or malformed input, naming file, column and first bad row. Nothing
-            is left behind: the build writes to ``<out_dir>.tmp-<pid>`` and deletes it on error.
+        QinError: a missing or malformed input, naming file, column and first bad row; or an OS
+            failure writing the folder (a full disk, a read-only or non-folder ``out_dir`` parent),
+            in one line. Nothing is left behind: the build writes to ``<out_dir>.tmp-<pid>`` and
+            deletes it on error.
     """
     start = time.perf_counter()
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
@@ -142,20 +145,32 @@ def build_features(
         "max_len": max_len,
     }
     with console.status("hashing inputs"):
-        sources = {name: source_entry(path) for name, path in inputs.items()}
+        try:
+            sources = {name: source_entry(path) for name, path in inputs.items()}
+        except OSError as error:  # e.g. an unreadable input (EACCES)
+            raise os_error(error, doing="hashing the inputs") from error
 
+    # Also on a no-op: the temp folder of a build killed outright (SIGKILL) is otherwise left forever
+    # once the folder it was rebuilding is complete.
+    _remove_stale(out_dir)
     if not force and _up_to_date(out_dir, config, sources):
         console.print(f"[green]features up to date[/]: {out_dir} (inputs and config unchanged)")
         return BuildResult(out_dir, rebuilt=False, seconds=time.perf_counter() - start)
 
-    _check_replaceable(out_dir)
-    _remove_stale(out_dir)
     tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
     try:
-        tmp.mkdir(parents=True)
+        _check_replaceable(out_dir)
+        tmp.mkdir(parents=True)  # a features_root that is a file: NotADirectoryError / FileExistsError
         manifest = _build(inputs, tmp, max_len, chunk_rows, console, config, sources)
         write_manifest(tmp, manifest)  # last: a folder with a manifest is a complete folder
         _publish(tmp, out_dir)
+    except OSError as error:
+        # Reads of the raw files already raise QinError, so this is the output side: a full disk
+        # (ENOSPC), a read-only folder (EROFS, EACCES), a file where a folder should be (ENOTDIR).
+        shutil.rmtree(tmp, ignore_errors=True)
+        if error.filename is None:  # a failed write() names no file
+            error.filename = str(out_dir)
+        raise os_error(error, doing="writing the feature folder") from error
     except BaseException:
         # Also on KeyboardInterrupt: never leave a half-written folder behind.
         shutil.rmtree(tmp, ignore_errors=True)
@@ -253,15 +268,16 @@ def _build_items(path: Path, schema: pl.Schema, out: Path) -> dict[str, Any]:
     """
     validate.check_not_empty(path, count_rows(path))
     emb_dim = validate.first_list_len(path, ITEM_EMB, schema[ITEM_EMB])
-    frame = (
-        pl.scan_parquet(path)
-        .select(
-            pl.col(ITEM_ID),
-            steps.as_list(ITEM_TAGS, schema[ITEM_TAGS]),
-            steps.as_list(ITEM_EMB, schema[ITEM_EMB]),
+    with reading_parquet(path):
+        frame = (
+            pl.scan_parquet(path)
+            .select(
+                pl.col(ITEM_ID),
+                steps.as_list(ITEM_TAGS, schema[ITEM_TAGS]),
+                steps.as_list(ITEM_EMB, schema[ITEM_EMB]),
+            )
+            .collect(engine="streaming")
         )
-        .collect(engine="streaming")
-    )
     validate.raise_first_bad(path, frame, validate.item_info_checks(emb_dim))
     assert emb_dim is not None  # a null row 0 embedding failed the checks above
     tags = steps.fixed_width_matrix(frame[ITEM_TAGS], validate.TAGS_PER_ITEM, np.int32)  # (V, 5)
@@ -320,7 +336,7 @@ def _build_split(
 
     start = time.perf_counter()
     kept_items = 0
-    positives = 0.0
+    positives = 0  # counted exactly (a float32 sum of millions of labels would round)
     for offset, length in row_slices(n_rows, chunk_rows):
         raw = read_slice(path, raw_columns, offset, length)
         if raw.height != length:  # the file changed under us, or a reader bug: never write a gap
@@ -334,8 +350,10 @@ def _build_split(
             arrays[name][offset:end] = encoded[name].to_numpy()
         kept_items += int(lengths.sum())
         if has_label:
-            positives += float(encoded[LABEL].sum())
+            positives += int((encoded[LABEL] == 1).sum())
         progress.advance(task, length)
+    if has_label:
+        _check_two_classes(path, split, positives, n_rows)
     for array in arrays.values():
         array.flush()
     del arrays
@@ -352,6 +370,28 @@ def _build_split(
         "positive_rate": positives / n_rows if has_label else None,
         "input_seq_len": seq_len,  # S, the stored history length of the input file
     }
+
+
+def _check_two_classes(path: Path, split: str, positives: int, n_rows: int) -> None:
+    """Refuse a labelled split whose labels are all 0 or all 1.
+
+    On valid, AUC (the challenge metric, and what early stopping and model selection watch) is
+    undefined, so training would run for nothing; on train, the model never sees the other class.
+    """
+    if 0 < positives < n_rows:
+        return
+    value = 1 if positives == n_rows else 0
+    if split == "valid":
+        why = (
+            "validation AUC is undefined, so early stopping and model selection would have nothing "
+            "to measure; use a validation split with both clicks (1) and non-clicks (0)"
+        )
+    else:
+        why = (
+            "the model needs both clicks (1) and non-clicks (0) to learn; raw positive-only logs, "
+            "for example, need negatives sampled into them first"
+        )
+    raise QinError(f"{path}: column '{LABEL}' holds only one class (all {n_rows:,} rows are {value}); {why}")
 
 
 def _up_to_date(out_dir: Path, config: dict[str, Any], sources: dict[str, dict[str, Any]]) -> bool:
@@ -382,14 +422,18 @@ def _remove_stale(out_dir: Path) -> None:
 
     A build removes its own temp folder on any Python exception, but not on SIGKILL or a power
     cut. A folder whose pid is ours (an earlier call) or no longer running is garbage; one of a
-    live process is a concurrent build and is left alone.
+    live process is a concurrent build and is left alone. Best effort, never an error: it also
+    runs before a no-op on an up-to-date folder, whose parent may be read-only or unlistable.
     """
-    if not out_dir.parent.is_dir():
+    try:
+        if not out_dir.parent.is_dir():
+            return
+        for path in out_dir.parent.glob(f"{out_dir.name}.*-*"):
+            kind, _, pid = path.name.removeprefix(f"{out_dir.name}.").partition("-")
+            if kind in ("tmp", "old") and pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+                shutil.rmtree(path, ignore_errors=True)
+    except OSError:
         return
-    for path in out_dir.parent.glob(f"{out_dir.name}.*-*"):
-        kind, _, pid = path.name.removeprefix(f"{out_dir.name}.").partition("-")
-        if kind in ("tmp", "old") and pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
-            shutil.rmtree(path, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:

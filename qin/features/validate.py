@@ -9,10 +9,12 @@ Row numbers in messages are 0-based row indices in the named file.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from qin.errors import QinError
@@ -27,11 +29,19 @@ from qin.features.io import (
     USER_ID,
     VIEWS_LEVEL,
     read_schema,
+    reading_parquet,
 )
 
 ROW = "__row"  # row-index column added by `raise_first_bad`; checks may refer to it
 TAGS_PER_ITEM = 5
 MAX_LEVEL = 9
+# A tag id indexes the model's tag embedding table, which has max-id + 2 rows (`steps.tag_vocab`),
+# so one stray huge id (2e9) makes training try to allocate a table of hundreds of GB. MicroLens has
+# 11,740 tags; 10M leaves room for any real tag set while keeping the table a few GB at worst (and the
+# ids inside the int32 the items table stores them as).
+MAX_TAG_ID = 10_000_000
+# item_emb.npy is float32: a larger magnitude, finite in the float64 input, would be stored as inf.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class ColumnKind(Enum):
@@ -122,11 +132,16 @@ def raise_first_bad(
     if not checks:
         return
     indexed = frame.lazy().with_row_index(ROW, offset=offset)
-    firsts = (
-        indexed.select([pl.col(ROW).filter(check.bad).min().alias(str(i)) for i, check in enumerate(checks)])
-        .collect(engine="streaming")
-        .row(0)
-    )
+    # A LazyFrame may scan the file, so a corrupt page surfaces here; on a frame already in memory
+    # an error is a bug in a check and keeps its traceback.
+    with reading_parquet(path) if isinstance(frame, pl.LazyFrame) else nullcontext():
+        firsts = (
+            indexed.select(
+                [pl.col(ROW).filter(check.bad).min().alias(str(i)) for i, check in enumerate(checks)]
+            )
+            .collect(engine="streaming")
+            .row(0)
+        )
     failing = [(row, i) for i, row in enumerate(firsts) if row is not None]
     if not failing:
         return
@@ -134,7 +149,8 @@ def raise_first_bad(
     check = checks[i]
     where = f"first bad row {row}, 0-based"
     if check.shown is not None:
-        value = indexed.filter(pl.col(ROW) == row).select(check.shown).collect().item()
+        with reading_parquet(path) if isinstance(frame, pl.LazyFrame) else nullcontext():
+            value = indexed.filter(pl.col(ROW) == row).select(check.shown).collect().item()
         if isinstance(value, pl.Series):  # a list cell
             value = value.to_list()
         where += f": {value!r}"
@@ -145,7 +161,8 @@ def first_list_len(path: Path, column: str, dtype: pl.DataType) -> int | None:
     """Length of the list in the file's first row (the stored length S every row must share)."""
     if isinstance(dtype, pl.Array):
         return dtype.size
-    value = pl.scan_parquet(path).head(1).select(pl.col(column).list.len()).collect().item()
+    with reading_parquet(path):
+        value = pl.scan_parquet(path).head(1).select(pl.col(column).list.len()).collect().item()
     return None if value is None else int(value)
 
 
@@ -211,8 +228,23 @@ def _length_check(column: str, length: int | None, which: str) -> Check:
 
 
 def id_checks() -> list[Check]:
-    """Row rules for the test split's submission key."""
-    return [Check(ID, "is null", pl.col(ID).is_null())]
+    """Row rules for the test split's submission key.
+
+    The challenge's submission lists IDs 0..n-1 in test-row order (the baseline writes
+    ``ID = range(len(test))``), and `qin predict` writes the stored IDs in row order. Any other ID
+    would pass here and fail only at predict, after training; requiring ID == row index catches
+    duplicated, shuffled and offset IDs alike.
+    """
+    return [
+        Check(ID, "is null", pl.col(ID).is_null()),
+        Check(
+            ID,
+            "must equal the row index (IDs 0..n-1 in test-row order, as the submission needs; "
+            "duplicated, shuffled or offset IDs are refused)",
+            _null_or(pl.col(ID) != pl.col(ROW)),
+            pl.col(ID),
+        ),
+    ]
 
 
 def item_info_checks(emb_dim: int | None) -> list[Check]:
@@ -243,11 +275,25 @@ def item_info_checks(emb_dim: int | None) -> list[Check]:
             tags.list.eval(pl.element().is_null()).list.any().fill_null(False),
         ),
         Check(ITEM_TAGS, "holds a negative tag id", (tags.list.min() < 0).fill_null(False), tags),
+        Check(
+            ITEM_TAGS,
+            f"holds a tag id above {MAX_TAG_ID:,} (the model's tag embedding table has max-id + 2 rows; "
+            "re-index the tags densely as 1..K, 0 = no tag)",
+            (tags.list.max() > MAX_TAG_ID).fill_null(False),
+            tags.list.max(),
+        ),
         Check(ITEM_EMB, "is null or an empty list", _null_or(emb.list.len() == 0)),
         _length_check(ITEM_EMB, emb_dim, "the length of row 0"),
         Check(
             ITEM_EMB,
             "holds a null, NaN or infinite value",
             emb.list.eval((~pl.element().is_finite()).fill_null(True)).list.any().fill_null(False),
+        ),
+        Check(
+            ITEM_EMB,
+            f"holds a value that overflows float32 (absolute value above {FLOAT32_MAX:.6g}; "
+            "item_emb.npy stores float32, where it would become inf)",
+            emb.list.eval(pl.element().abs() > FLOAT32_MAX).list.any().fill_null(False),
+            emb.list.eval(pl.element().filter(pl.element().abs() > FLOAT32_MAX)).list.first(),
         ),
     ]

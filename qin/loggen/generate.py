@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from qin.errors import QinError
+from qin.errors import QinError, os_error
+from qin.layout import make_temp_dir
 from qin.loggen.items import ItemTruth, genre_centres, item_embedding, make_items
 from qin.loggen.params import DEFAULT_LOG_PARAMS, LOG_SIZES, LogParams, LogSize, LogSizeSpec, stream
 from qin.loggen.rows import SOURCES, Rows, calibrate_intercept, click_probability, make_rows, split_users
@@ -20,6 +20,7 @@ from qin.loggen.write import (
     DATA_SUBDIR,
     GENERATOR_NAME,
     HIDDEN_SUBDIR,
+    OUTPUTS,
     check_out_dir,
     install,
     write_hidden,
@@ -36,14 +37,17 @@ def generate_logs(out_dir: Path, size: LogSize, seed: int = 0, params: LogParams
     """Write a log-like data set in the challenge's layout with its hidden truth; returns meta.json's dict.
 
     Args:
-        out_dir: receives MicroLens_1M_x1/ and hidden/; must be new, empty, or an earlier loggen output.
+        out_dir: receives MicroLens_1M_x1/ and hidden/; must be new, empty, or written by an earlier
+            `qin synth` (either generator; hidden/meta.json proves it), whose outputs are then replaced;
+            other files in the folder are left alone.
         size: tiny / small / bench (see LOG_SIZES).
         seed: any int ≥ 0; the same (seed, size, params) gives the same parquet content.
         params: generator knobs (see `log_params_with`).
         progress: print each stage with its elapsed time on stderr.
 
     Raises:
-        QinError: an unknown size, a negative seed, or an out_dir that is a file or holds foreign files.
+        QinError: an unknown size, a negative seed, an out_dir that is a file or holds entries an earlier
+            `qin synth` did not write, or a failed write (a full disk, a read-only folder).
     """
     try:
         size = LogSize(size)
@@ -53,14 +57,17 @@ def generate_logs(out_dir: Path, size: LogSize, seed: int = 0, params: LogParams
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
         raise QinError(f"loggen: seed must be an integer ≥ 0, got {seed!r}")
     out_dir = Path(out_dir)
-    check_out_dir(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp: Path | None = None
     try:
+        check_out_dir(out_dir)
+        tmp = make_temp_dir(out_dir)
         meta = _build(tmp, LOG_SIZES[size], size, int(seed), params, progress)
         install(tmp, out_dir)
+    except OSError as error:  # a full disk, a read-only folder: the user's to fix, in one line
+        raise os_error(error, doing=f"writing the synthetic data set {out_dir}") from error
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:  # also on KeyboardInterrupt: no half-written folder is left behind
+            shutil.rmtree(tmp, ignore_errors=True)
     return meta
 
 
@@ -147,6 +154,7 @@ def _build(tmp: Path, spec: LogSizeSpec, size: LogSize, seed: int, prm: LogParam
         "items": spec.n_items,
         "max_tag_id": int(items.tags.max()),
         "images_written": False,
+        "outputs": list(OUTPUTS),  # the marker: what a later run may replace (qin.layout)
         "test_label": "absent",
         "label_mean": float(y[np.concatenate([tr, va])].mean()),
         "label_rate": {name: float(y[i].mean()) for name, i in zip(split_names, idx, strict=True)},

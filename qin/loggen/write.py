@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from qin.errors import QinError
+from qin import layout
 from qin.layout import DATA_SUBDIR, HIDDEN_SUBDIR, ROW_FIELDS
 from qin.loggen.items import TAGS_PER_ITEM, ItemTruth
 from qin.loggen.rows import Rows
 from qin.loggen.timelines import Timelines, padded_histories
 
-GENERATOR_NAME = "loggen"
+GENERATOR_NAME = "loggen"  # meta.json's "generator" (one of qin.layout.GENERATOR_NAMES)
 OUTPUTS = (DATA_SUBDIR, HIDDEN_SUBDIR)  # everything generate_logs writes into out_dir
+TOOL = "loggen"  # the prefix of its error messages
+
 
 def fixed_list_array(flat: np.ndarray, width: int, value_type: pa.DataType) -> pa.Array:
     """A plain list<value_type> array of rows of fixed ``width`` from a flat buffer (n*width,)."""
@@ -66,44 +67,15 @@ def write_hidden(folder: Path, p_valid: np.ndarray, p_test: np.ndarray, y_test: 
     (folder / "meta.json").write_text(json.dumps(meta, indent=2, allow_nan=True) + "\n")
 
 
-def _written_by_loggen(out_dir: Path) -> bool:
-    try:
-        meta = json.loads((out_dir / HIDDEN_SUBDIR / "meta.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and meta.get("generator") == GENERATOR_NAME
-
-
 def check_out_dir(out_dir: Path) -> None:
-    """Refuse, before any work, a path that is a file, lies under a file, or holds files loggen did not write.
+    """Refuse, before any work, a path that is a file, lies under a file, or holds entries qin did not write.
 
-    An existing folder is accepted when it is empty, or when it holds only MicroLens_1M_x1/ and hidden/ and
-    hidden/meta.json says generator "loggen" (an earlier run, which is then replaced).
+    An existing folder is accepted when it is empty, or when hidden/meta.json proves that an earlier
+    `qin synth` run (either generator) wrote every output name it holds; see `qin.layout.check_out_dir`.
     """
-    if out_dir.exists() and not out_dir.is_dir():
-        raise QinError(f"loggen: output folder {out_dir} exists and is a file; pass a folder path")
-    for parent in out_dir.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise QinError(f"loggen: cannot create {out_dir}: {parent} is a file")
-            break
-    if not out_dir.is_dir():
-        return
-    entries = sorted(p.name for p in out_dir.iterdir())
-    foreign = [name for name in entries if name not in OUTPUTS]
-    if foreign or (entries and not _written_by_loggen(out_dir)):
-        shown = ", ".join(foreign or entries)
-        raise QinError(f"loggen: {out_dir} holds files not written by the log-like generator ({shown}); "
-                       "refusing to overwrite them, choose another or an empty folder")
+    layout.check_out_dir(out_dir, TOOL)
 
 
 def install(tmp: Path, out_dir: Path) -> None:
-    """Move the finished outputs from tmp into out_dir (each move a rename): old outputs aside first."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    trash = tmp / ".old"
-    trash.mkdir()
-    for name in OUTPUTS:  # old and new outputs never mix, even if a move fails half-way
-        if (out_dir / name).exists() or (out_dir / name).is_symlink():
-            os.replace(out_dir / name, trash / name)
-    for name in OUTPUTS:
-        os.replace(tmp / name, out_dir / name)
+    """Move the finished outputs from tmp into out_dir (each move a rename), replacing an earlier run's."""
+    layout.install_outputs(tmp, out_dir, TOOL)

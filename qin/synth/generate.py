@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -13,7 +11,8 @@ from pathlib import Path
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from qin.errors import QinError
+from qin.errors import QinError, os_error
+from qin.layout import check_out_dir, install_outputs, make_temp_dir, present_outputs
 from qin.synth.content import _content_vectors, _emb_variants, _pca, _titles, _write_images
 from qin.synth.items import _make_items
 from qin.synth.metrics import _auc, expected_auc
@@ -44,36 +43,17 @@ class SynthResult:
     meta: dict
 
 
-_OUTPUTS = (DATA_SUBDIR, "item_feature.parquet", "item_emb.parquet", "item_seq.parquet", IMAGES_SUBDIR,
-            HIDDEN_SUBDIR)
+_TOOL = "synth"
 
 
 def _check_out_dir(out_dir: Path) -> None:
-    """Refuse paths we must not write to, before any work is done."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise QinError(f"synth: output folder {out_dir} exists and is a file; pass a folder path")
-    for parent in out_dir.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise QinError(f"synth: cannot create {out_dir}: {parent} is a file")
-            break
-    # Never replace a real data set (one that qin synth did not write) with demo data.
-    if (out_dir / DATA_SUBDIR).exists() and not (out_dir / HIDDEN_SUBDIR / "meta.json").exists():
-        raise QinError(f"synth: {out_dir / DATA_SUBDIR} exists but was not written by `qin synth` "
-                       f"(no {HIDDEN_SUBDIR}/meta.json); refusing to overwrite it, choose another folder")
+    """Refuse paths we must not write to, before any work is done (see `qin.layout.check_out_dir`)."""
+    check_out_dir(out_dir, _TOOL)
 
 
 def _install(tmp: Path, out_dir: Path) -> None:
-    """Move the finished outputs from tmp into out_dir, replacing older ones (each move is a rename)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    trash = tmp / ".old"
-    trash.mkdir()
-    for name in _OUTPUTS:  # first move every old output aside, so old and new never mix...
-        if (out_dir / name).exists() or (out_dir / name).is_symlink():
-            os.replace(out_dir / name, trash / name)
-    for name in _OUTPUTS:  # ...then move the new ones in
-        if (tmp / name).exists():
-            os.replace(tmp / name, out_dir / name)
+    """Move the finished outputs from tmp into out_dir, replacing an earlier run's (each move is a rename)."""
+    install_outputs(tmp, out_dir, _TOOL)
 
 
 def _split_users(spec: SizeSpec) -> list[np.ndarray]:
@@ -88,8 +68,9 @@ def synthesize(out_dir: Path, size: SynthSize, seed: int = 0, test_label: bool =
     """Generate a demo data set with the challenge's layout and a known best-possible AUC.
 
     Args:
-        out_dir: folder that receives MicroLens_1M_x1/, item_*.parquet, item_images/ and hidden/. Those
-            entries are replaced as a whole; other files in the folder are left alone.
+        out_dir: folder that receives MicroLens_1M_x1/, item_*.parquet, item_images/ and hidden/. It must be
+            new, empty, or written by an earlier `qin synth` (either generator; hidden/meta.json proves it):
+            then that run's entries are replaced as a whole; other files in the folder are left alone.
         size: tiny / small / bench / full (see SIZES).
         seed: any int ≥ 0; the same (seed, size) gives the same parquet content.
         test_label: also write a constant 0.0 `label` column into test.parquet.
@@ -101,7 +82,8 @@ def synthesize(out_dir: Path, size: SynthSize, seed: int = 0, test_label: bool =
         SynthResult(data_dir=out_dir, hidden_dir=out_dir/"hidden", meta=<the dict written to meta.json>).
 
     Raises:
-        QinError: out_dir is a file, lies under a file, holds real (non-synth) data, or seed < 0.
+        QinError: out_dir is a file, lies under a file, or holds entries an earlier `qin synth` did not
+            write (real data); seed < 0; or the system failed to write (a full disk, a read-only folder).
     """
     try:
         size = SynthSize(size)
@@ -116,18 +98,21 @@ def _synthesize(out_dir: Path, size: SynthSize, seed: int, test_label: bool, ima
     """`synthesize` with explicit parameters (used for tuning)."""
     if not isinstance(seed, int | np.integer) or seed < 0:
         raise QinError(f"synth: seed must be an integer ≥ 0, got {seed!r}")
-    _check_out_dir(out_dir)
     spec = SIZES[size]
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     columns = (TextColumn("[bold]synth {task.fields[size]}[/] {task.description:<28}"), BarColumn(),
                MofNCompleteColumn(), TimeElapsedColumn())
+    tmp: Path | None = None
     try:
+        _check_out_dir(out_dir)
+        tmp = make_temp_dir(out_dir)
         with Progress(*columns, disable=not progress) as bar:
             meta = _build(tmp, spec, size, seed, test_label, images, prm, bar)
         _install(tmp, out_dir)
+    except OSError as error:  # a full disk, a read-only folder: the user's to fix, in one line
+        raise os_error(error, doing=f"writing the synthetic data set {out_dir}") from error
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:  # also on KeyboardInterrupt: no half-written folder is left behind
+            shutil.rmtree(tmp, ignore_errors=True)
     return SynthResult(data_dir=out_dir, hidden_dir=out_dir / HIDDEN_SUBDIR, meta=meta)
 
 
@@ -216,6 +201,7 @@ def _build(tmp: Path, spec: SizeSpec, size: SynthSize, seed: int, test_label: bo
         "n_empty_titles": int(empty_title.sum()),
         "n_missing_images": int((~has_image[1:]).sum()),
         "images_written": bool(images),
+        "outputs": present_outputs(tmp),  # the marker: what a later run may replace (qin.layout)
         "test_label": "const0" if test_label else "absent",
         "label_rate": {"train": float(y[tr].mean()), "valid": float(y[va].mean()),
                        "test": float(y[te].mean())},
