@@ -1,0 +1,428 @@
+"""The reliability battery as tests: kill, resume, collide, corrupt, fill the disk.
+
+Each test reproduces a case a user hit (docs/reliability.md lists them) on tiny data and asserts what a
+careful user expects: nothing qin did not create is replaced, every failure is one `error:` line with
+exit code 2, checkpoints are verified, and an interrupted run resumes to the same weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from qin.cli import app
+from qin.config import Config
+from qin.errors import QinError
+from qin.features.io import load_features
+from qin.runs import DIGESTS, load_checkpoint
+from qin.train import check_loss, fit
+from tests.conftest import ROOT, tiny_config
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def one_error_line(result) -> str:
+    """The CLI's message, checked to be a single `error:` line (no traceback) with exit code 2."""
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert lines[-1].startswith("error:") and "Traceback" not in result.output, result.output
+    return " ".join(lines)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """synth -> preprocess -> train (2 epochs) through the CLI; returns (root, config path, run dir)."""
+    root = tmp_path_factory.mktemp("faults")
+    data = root / "data"
+    assert invoke("synth", "--size", "tiny", "--out", str(data), "--no-images").exit_code == 0
+    config = root / "tiny.yaml"
+    config.write_text(
+        f"base: {ROOT / 'qin.yaml'}\n"
+        f"data:\n  raw_dir: {data / 'MicroLens_1M_x1'}\n  features_root: {root / 'features'}\n  max_len: 16\n"
+        "model:\n  embedding_dim: 8\n  num_layers: 2\n  num_row: 2\n"
+        f"train:\n  batch_size: 512\n  epochs: 2\n  seed: 3\n  threads: 1\n  run_root: {root / 'runs'}\n"
+    )
+    result = invoke("train", "-c", str(config), "--run-dir", str(root / "runs" / "done"), "--no-progress")
+    assert result.exit_code == 0, result.output
+    return root, config, root / "runs" / "done"
+
+
+# --------------------------------------------------------------------------------------------------
+# Nothing qin did not create is replaced
+
+
+def test_train_refuses_an_existing_run_folder_without_resume_or_overwrite(run):
+    root, config, done = run
+    before = {name: sha256(done / name) for name in ("best.pt", "last.pt", "metrics.jsonl", "result.json")}
+    message = one_error_line(invoke("train", "-c", str(config), "--run-dir", str(done), "--no-progress"))
+    assert "already holds a finished run" in message and "--resume" in message and "--overwrite" in message
+    assert before == {name: sha256(done / name) for name in before}
+
+
+def test_train_overwrite_replaces_only_a_runs_files(run, tmp_path):
+    root, config, done = run
+    copy = tmp_path / "copy"
+    shutil.copytree(done, copy)
+    (copy / "notes.txt").write_text("mine")
+    result = invoke("train", "-c", str(config), "--set", "train.epochs=1", "--run-dir", str(copy),
+                    "--overwrite", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert (copy / "notes.txt").read_text() == "mine"
+    assert len((copy / "metrics.jsonl").read_text().splitlines()) == 1  # the new 1-epoch run only
+
+
+def test_train_never_uses_a_folder_that_is_not_a_run(run, tmp_path):
+    _, config, _ = run
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("x")
+    for extra in ([], ["--overwrite"]):
+        message = one_error_line(invoke("train", "-c", str(config), "--run-dir", str(folder), *extra))
+        assert "not a qin run folder" in message
+    assert sorted(p.name for p in folder.iterdir()) == ["thesis.tex"]
+
+
+@pytest.mark.parametrize("name", ["pred.json", "sub.zip", "sub.parquet"])
+def test_predict_refuses_outputs_that_collide_with_its_sidecar_or_zip(run, tmp_path, name):
+    _, _, done = run
+    message = one_error_line(invoke("predict", "--run", str(done), "--out", str(tmp_path / name), "--zip"))
+    assert ".csv" in message
+    assert not any(tmp_path.iterdir())
+
+
+def test_predict_refuses_paths_that_are_not_regular_files(run, tmp_path):
+    _, _, done = run
+    folder = tmp_path / "isdir.csv"
+    folder.mkdir()
+    fifo = tmp_path / "pipe.csv"
+    os.mkfifo(fifo)
+    target = tmp_path / "target.csv"
+    target.write_text("ID,Task2\n0,0.5\n")
+    link = tmp_path / "link.csv"
+    link.symlink_to(target)
+    for path, said in ((folder, "not a regular file"), (fifo, "not a regular file"), (link, "symbolic link")):
+        assert said in one_error_line(invoke("predict", "--run", str(done), "--out", str(path)))
+    assert target.read_text() == "ID,Task2\n0,0.5\n" and link.is_symlink()
+
+
+def test_predict_replaces_only_its_own_earlier_outputs(run, tmp_path):
+    _, _, done = run
+    out = tmp_path / "sub.csv"
+    assert invoke("predict", "--run", str(done), "--out", str(out), "--zip").exit_code == 0
+    first = sha256(out)
+    assert invoke("predict", "--run", str(done), "--out", str(out), "--zip").exit_code == 0  # a re-run
+    assert sha256(out) == first and zipfile.ZipFile(out.with_suffix(".zip")).namelist() == ["prediction.csv"]
+
+    mine = tmp_path / "mine.csv"
+    mine.write_text("user,score\n1,2\n")
+    assert "not a submission CSV" in one_error_line(invoke("predict", "--run", str(done), "--out", str(mine)))
+    assert mine.read_text() == "user,score\n1,2\n"
+    other = tmp_path / "other.csv"
+    other.with_suffix(".json").write_text('{"my": "notes"}')
+    assert "sidecar" in one_error_line(invoke("predict", "--run", str(done), "--out", str(other)))
+    assert other.with_suffix(".json").read_text() == '{"my": "notes"}' and not other.exists()
+
+
+def test_written_files_follow_the_umask(run, tmp_path):
+    _, _, done = run
+    previous = os.umask(0o022)
+    try:
+        out = tmp_path / "sub.csv"
+        assert invoke("predict", "--run", str(done), "--out", str(out), "--zip").exit_code == 0
+        written = [out, out.with_suffix(".json"), out.with_suffix(".zip")]
+        written += [done / name for name in ("best.pt", "last.pt", "config.yaml", "result.json", DIGESTS)]
+        for path in written:
+            assert path.stat().st_mode & 0o777 == 0o644, path
+    finally:
+        os.umask(previous)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints you can trust
+
+
+def test_flipped_bytes_inside_a_checkpoint_are_refused(run, tmp_path):
+    _, _, done = run
+    copy = tmp_path / "flip"
+    shutil.copytree(done, copy)
+    data = bytearray((copy / "best.pt").read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(255 - b for b in data[middle : middle + 64])
+    (copy / "best.pt").write_bytes(bytes(data))
+    message = one_error_line(invoke("predict", "--run", str(copy), "--out", str(tmp_path / "s.csv")))
+    assert "does not match the sha256" in message
+    assert not (tmp_path / "s.csv").exists()
+    assert "does not match" in one_error_line(invoke("evaluate", "--run", str(copy)))
+
+
+def test_digests_record_the_files_on_disk(run):
+    _, _, done = run
+    recorded = json.loads((done / DIGESTS).read_text())["sha256"]
+    assert recorded == {"best.pt": [sha256(done / "best.pt")], "last.pt": [sha256(done / "last.pt")]}
+
+
+def test_a_checkpoint_that_would_run_code_is_never_unpickled(tmp_path):
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    folder = tmp_path / "foreign"
+    folder.mkdir()
+    torch.save({"format": "qin-checkpoint-v1", "model_state": Payload()}, folder / "best.pt")
+    with pytest.raises(QinError, match="never unpickles"):
+        load_checkpoint(folder)
+    assert not marker.exists()
+
+
+def test_last_pt_predicts_like_a_run(run, tmp_path):
+    _, _, done = run
+    out = tmp_path / "last.csv"
+    result = invoke("predict", "--run", str(done / "last.pt"), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert pl.read_csv(out).columns == ["ID", "Task2"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Kill and resume
+
+
+def test_kill_9_then_resume_ends_at_the_same_weights(run, tmp_path):
+    """A real `kill -9` of `qin train` after its first evaluation; --resume must finish bit-identical."""
+    root, config, done = run
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "qin", "train", "-c", str(config), "--set", "train.epochs=3",
+               "--set", "train.eval_steps=10", "--run-dir", str(killed), "--no-progress"]
+    whole = tmp_path / "whole"
+    assert subprocess.run([*command[:-3], "--run-dir", str(whole), "--no-progress"], env=env,
+                          capture_output=True).returncode == 0
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        metrics = killed / "metrics.jsonl"
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    if process.poll() is not None:
+        pytest.skip("the run finished before it could be killed (machine too fast for this test)")
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    resumed = subprocess.run([sys.executable, "-m", "qin", "train", "--resume", str(killed), "--no-progress"],
+                             env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = load_checkpoint(whole / "best.pt"), load_checkpoint(killed / "best.pt")
+    assert a["valid_auc"] == b["valid_auc"]
+    for key, tensor in a["model_state"].items():
+        assert torch.equal(tensor, b["model_state"][key]), key
+    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))  # no evaluation logged twice
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupted_run(tiny_data, tiny_features, run_root: Path):
+    cfg = tiny_config(tiny_data, run_root, epochs=3, patience=10, batch_size=2000, eval_steps=2)
+    features = load_features(tiny_features)
+
+    def stop(step: int) -> None:
+        if step == 5:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        fit(cfg, features, run_root / "cut", progress=False, on_step=stop)
+    return cfg, features, run_root / "cut"
+
+
+def test_resume_skips_a_torn_metrics_line(tiny_data, tiny_features, tmp_path):
+    cfg, features, cut = interrupted_run(tiny_data, tiny_features, tmp_path)
+    with (cut / "metrics.jsonl").open("a") as handle:
+        handle.write('{"epoch": 2, "step": 6, "valid_au')  # killed mid-append
+    result = fit(cfg, features, cut, resume=True, progress=False)
+    steps = [json.loads(line)["step"] for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6, 8, 10, 12] and result.steps == 12
+
+
+def test_resume_refuses_changed_data_and_names_the_changed_key(tiny_data, tiny_features, tmp_path):
+    cfg, features, cut = interrupted_run(tiny_data, tiny_features, tmp_path)
+    sources = {**features.manifest["sources"], "train.parquet": {"sha256": "0" * 64}}
+    changed = dataclasses.replace(features, manifest={**features.manifest, "sources": sources})
+    with pytest.raises(QinError, match=r"raw data changed .*train\.parquet"):
+        fit(cfg, changed, cut, resume=True, progress=False)
+    with pytest.raises(QinError, match=r"train\.epochs \(3 -> 5\)"):
+        fit(cfg.replace("train", epochs=5), features, cut, resume=True, progress=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training guards
+
+
+def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoints(tiny_data, tiny_features,
+                                                                          tmp_path, monkeypatch):
+    import qin.train as train_module
+
+    real_step = train_module.make_train_step
+
+    def step_that_diverges_at_step_7(*args):
+        step_fn = real_step(*args)
+        calls = {"n": 0}
+
+        def step(batch):
+            calls["n"] += 1
+            loss = step_fn(batch)
+            return loss * float("nan") if calls["n"] >= 7 else loss
+
+        return step
+
+    monkeypatch.setattr(train_module, "make_train_step", step_that_diverges_at_step_7)
+    cfg = tiny_config(tiny_data, tmp_path, epochs=3, batch_size=2000)  # 4 steps an epoch
+    with pytest.raises(QinError, match=r"loss became nan at step 7 \(epoch 2\)"):
+        fit(cfg, load_features(tiny_features), tmp_path / "run", progress=False)
+    last = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert last["loop_state"]["global_step"] == 4  # the epoch-1 state, before the bad step
+    assert load_checkpoint(tmp_path / "run" / "best.pt")["step"] == 4
+
+
+def test_a_huge_finite_loss_counts_as_divergence():
+    from qin.train import LoopState
+
+    cfg = Config().train
+    check_loss(0.7, LoopState(), cfg)
+    with pytest.raises(QinError, match=r"5\.7e\+06 > train\.max_loss"):
+        check_loss(5.7e6, LoopState(global_step=41), cfg)
+    check_loss(5.7e6, LoopState(), dataclasses.replace(cfg, max_loss=None))
+    with pytest.raises(QinError, match="became inf"):
+        check_loss(float("inf"), LoopState(), dataclasses.replace(cfg, max_loss=None))
+
+
+def test_a_one_class_validation_split_is_refused_before_training(tiny_data, tiny_features, tmp_path):
+    copy = tmp_path / "features"
+    shutil.copytree(tiny_features, copy)
+    np.save(copy / "valid" / "label.npy", np.ones(np.load(copy / "valid" / "label.npy").shape, np.float32))
+    cfg = tiny_config(tiny_data, tmp_path)
+    with pytest.raises(QinError, match="valid: every one of the .* labels is 1"):
+        fit(cfg, load_features(copy), tmp_path / "run", progress=False, on_step=lambda step: pytest.fail())
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(run, tmp_path):
+    _, config, _ = run
+    runs = tmp_path / "runs"
+    message = one_error_line(invoke("train", "-c", str(config), "--set", f"train.run_root={runs}",
+                                    "--set", "train.max_loss=1e-9", "--no-progress"))
+    assert "at step 1 (epoch 1)" in message and "no checkpoint was saved" in message
+    assert not runs.exists() or not any(runs.iterdir())
+
+
+# --------------------------------------------------------------------------------------------------
+# Config values that would only fail later
+
+
+@pytest.mark.parametrize("override, said", [
+    ("train.learning_rate=nan", "finite"), ("train.learning_rate=inf", "finite"),
+    ("train.learning_rate=0", "> 0"), ("train.threads=0", "train.threads"),
+    ("train.min_delta=-1", "train.min_delta"), ("train.max_loss=0", "train.max_loss"),
+    ("model.net_dropout=nan", "finite"),
+])
+def test_bad_config_values_fail_at_load_naming_the_key(run, override, said):
+    _, config, _ = run
+    message = one_error_line(invoke("preprocess", "-c", str(config), "--set", override))
+    assert said in message
+
+
+def test_a_numeric_looking_path_stays_a_path():
+    cfg = Config.from_yaml(ROOT / "configs" / "demo.yaml", ["data.raw_dir=2024", "train.run_root=007"])
+    assert cfg.data.raw_dir == "2024" and cfg.train.run_root == "007"
+
+
+# --------------------------------------------------------------------------------------------------
+# Choices, paths and the disk
+
+
+@pytest.mark.parametrize("args", [
+    ["predict", "--device", "gpu"], ["predict", "--split", "train"], ["predict", "--column", "Task3"],
+    ["demo", "--size", "bogus"], ["embed", "--fusion", "sum"], ["embed", "--from", "foo"],
+    ["synth", "--size", "huge"], ["synth", "--process", "other"],
+])
+def test_a_bad_choice_is_a_usage_error_listing_the_choices(args):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "Invalid value" in result.output and result.exception is not None
+    assert not isinstance(result.exception, ValueError)
+
+
+def test_a_file_where_a_folder_should_be_is_one_line(run, tmp_path):
+    _, config, done = run
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    message = one_error_line(invoke("train", "-c", str(config), "--set", f"train.run_root={afile}",
+                                    "--no-progress"))
+    assert str(afile) in message
+    assert str(afile) in one_error_line(invoke("predict", "--run", str(done), "--out", str(afile / "s.csv")))
+    assert afile.read_text() == "x"
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_leaves_no_temp(run, tmp_path, monkeypatch):
+    import qin.runs as runs_module
+
+    _, config, _ = run
+    real_fsync = os.fsync
+
+    def fsync_full_after_config(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".tmp") and "config.yaml" not in os.readlink(
+                f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(runs_module.os, "fsync", fsync_full_after_config)
+    run_dir = tmp_path / "full"
+    message = one_error_line(invoke("train", "-c", str(config), "--run-dir", str(run_dir), "--no-progress"))
+    assert "no space left on the device" in message
+    assert not [p for p in run_dir.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_evaluate_refuses_the_truth_of_another_data_set(run, tmp_path):
+    root, _, done = run
+    other = tmp_path / "other"
+    assert invoke("synth", "--size", "tiny", "--seed", "1", "--out", str(other), "--no-images").exit_code == 0
+    message = one_error_line(invoke("evaluate", "--run", str(done), "--truth", str(other / "hidden")))
+    assert "does not belong" in message
+    result = invoke("evaluate", "--run", str(done), "--truth", str(root / "data" / "hidden"))
+    assert result.exit_code == 0, result.output
+
+
+def test_neighbors_names_a_broken_table(tmp_path, tiny_data):
+    table = tmp_path / "item_info.parquet"
+    info = pl.read_parquet(tiny_data / "MicroLens_1M_x1" / "item_info.parquet")
+    info.write_parquet(table)
+    table.write_bytes(table.read_bytes()[:-100])
+    assert str(table) in one_error_line(invoke("neighbors", "--table", str(table), "3"))
+    vectors = info["item_emb_d128"].to_list()
+    vectors[5] = [float("nan")] * len(vectors[5])
+    info.with_columns(pl.Series("item_emb_d128", vectors)).write_parquet(table)
+    assert "first bad row 5" in one_error_line(invoke("neighbors", "--table", str(table), "3"))
