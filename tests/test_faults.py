@@ -153,12 +153,12 @@ def test_written_files_follow_the_umask(run, tmp_path):
     try:
         out = tmp_path / "sub.csv"
         assert invoke("predict", "--run", str(done), "--out", str(out), "--zip").exit_code == 0
-        written = [out, out.with_suffix(".json"), out.with_suffix(".zip")]
-        written += [done / name for name in ("best.pt", "last.pt", "config.yaml", "result.json", DIGESTS)]
-        for path in written:
+        for path in (out, out.with_suffix(".json"), out.with_suffix(".zip")):
             assert path.stat().st_mode & 0o777 == 0o644, path
     finally:
         os.umask(previous)
+    for name in ("best.pt", "last.pt", "config.yaml", "result.json", DIGESTS):  # trained under `previous`
+        assert (done / name).stat().st_mode & 0o777 == 0o666 & ~previous, name
 
 
 # --------------------------------------------------------------------------------------------------
