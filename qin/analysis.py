@@ -38,7 +38,7 @@ from matplotlib.figure import Figure
 from qin.errors import QinError
 from qin.metrics import auc, logloss
 from qin.predict import LoadedRun, load_run, one_request, validation_predictions
-from qin.runs import atomic_write_bytes, atomic_write_text, read_jsonl
+from qin.runs import atomic_write_bytes, atomic_write_text, check_replaceable, folder_mode, read_jsonl
 
 FIG_DPI = 100
 HISTORY_BUCKETS: tuple[int, ...] = (0, 1, 5, 10, 20, 40, 80)
@@ -655,6 +655,10 @@ def render_report(run_dir: Path | str, out_html: Path | str | None = None,
     run_dir = Path(run_dir)
     if not (run_dir / "best.pt").is_file():
         raise QinError(f"{run_dir}: not a finished run (no best.pt)")
+    html = Path(out_html) if out_html is not None else run_dir / "error_analysis.html"
+    if html.suffix.lower() != ".html":
+        raise QinError(f"{html}: the report is an .html file; use --out NAME.html")
+    check_replaceable(html, _is_report_html, "an earlier qin report")
     source = Path(notebook) if notebook is not None else NOTEBOOK
     if not source.is_file():
         raise QinError(f"notebook not found: {source}")
@@ -682,11 +686,17 @@ def render_report(run_dir: Path | str, out_html: Path | str | None = None,
             tail = kernel_log.read().decode(errors="replace")[-2000:]
             raise QinError(f"the notebook kernel failed ({error}); its log ends with:\n{tail}") from error
     atomic_write_text(executed, nbformat.writes(nb))
-    html = Path(out_html) if out_html is not None else run_dir / "error_analysis.html"
-    body, _ = HTMLExporter().from_notebook_node(nb)
+    body, _ = HTMLExporter().from_notebook_node(nb, resources={"metadata": {"name": NOTEBOOK.stem}})
     atomic_write_text(html, body)
     figures = _write_figures(nb, run_dir / "figures")
     return Report(html=html, notebook=executed, figures=figures, seconds=time.perf_counter() - started)
+
+
+def _is_report_html(path: Path) -> bool:
+    """An HTML page exported from the error-analysis notebook (its title names the notebook)."""
+    with path.open("rb") as handle:
+        head = handle.read(4096).decode("utf-8", errors="replace")
+    return f"<title>{NOTEBOOK.stem}</title>" in head
 
 
 def _this_python_kernel_manager() -> type:
@@ -723,6 +733,7 @@ def _write_figures(nb, folder: Path) -> list[Path]:
     folder.parent.mkdir(parents=True, exist_ok=True)
     fresh = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
+        os.chmod(fresh, folder_mode())  # mkdtemp makes it 0700; a report is meant to be shared
         for name, data in _figure_images(nb):
             atomic_write_bytes(fresh / name, data)
         old = None

@@ -245,9 +245,11 @@ def _read_yaml_with_base(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     if path.resolve() in seen:
         raise QinError(f"{path}: 'base:' chain loops back to itself")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as error:
         raise QinError(f"{path}: not valid YAML: {error}") from error
+    except UnicodeDecodeError as error:
+        raise QinError(f"{path}: not a UTF-8 text file ({error.reason} at byte {error.start})") from error
     if not isinstance(raw, dict):
         raise QinError(f"{path}: top level must be a mapping of sections")
     base_name = raw.pop("base", None)

@@ -20,7 +20,7 @@ from qin.errors import QinError
 def run_demo(size: str, cfg: Config, submission: Path, console: Console, seed: int = 0) -> dict[str, Any]:
     from qin.features.io import load_features
     from qin.features.pipeline import build_features, feature_dir_for
-    from qin.predict import evaluate_run, load_run, write_submission
+    from qin.predict import evaluate_run, load_run, submission_paths, write_submission
     from qin.runs import new_run_dir
     from qin.synth import DEFAULT_PARAMS, SynthSize, synthesize
     from qin.train import fit
@@ -28,6 +28,7 @@ def run_demo(size: str, cfg: Config, submission: Path, console: Console, seed: i
     raw_dir = Path(cfg.data.raw_dir)
     if raw_dir.name != "MicroLens_1M_x1":
         raise QinError(f"data.raw_dir of the demo config must end in MicroLens_1M_x1, got {raw_dir}")
+    submission_paths(submission, make_zip=False)  # a refused --out fails now, not after training
     data_root = raw_dir.parent
     hidden = data_root / "hidden"
     meta_path = hidden / "meta.json"

@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import json
 import zipfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from qin.errors import QinError
 from qin.features.io import FeatureSet, load_features
 from qin.metrics import auc, logloss
 from qin.model import CTRModel, Vocab, build_model
-from qin.runs import atomic_write_bytes, atomic_write_text, git_commit, load_checkpoint
+from qin.runs import atomic_write_bytes, atomic_write_text, check_replaceable, git_commit, load_checkpoint
 from qin.train import load_weights, predict_probabilities, resolve_device
 
 SUBMISSION_COLUMNS = ("Task1", "Task2", "Task1&2")
@@ -129,21 +128,6 @@ def submission_paths(out: Path, make_zip: bool) -> dict[str, Path]:
     if make_zip:
         check_replaceable(paths["zip"], _is_submission_zip, "a submission zip holding prediction.csv")
     return paths
-
-
-def check_replaceable(path: Path, is_ours: Callable[[Path], bool], kind: str) -> None:
-    """Refuse an output path that exists and is not a regular file qin wrote (`is_ours` tells)."""
-    path = Path(path)
-    if path.is_symlink():
-        raise QinError(f"{path}: is a symbolic link; qin replaces outputs atomically and would replace the "
-                       "link itself, not write through it. Pass the target path")
-    if not path.exists():
-        return
-    if not path.is_file():
-        raise QinError(f"{path}: exists and is not a regular file (a folder or a device); "
-                       "choose a file path")
-    if not is_ours(path):
-        raise QinError(f"{path}: exists and is not {kind}; not replacing it. Move it or choose another --out")
 
 
 def _first_line(path: Path) -> str:

@@ -23,6 +23,7 @@ import json
 import os
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -121,15 +122,39 @@ def remove_unstarted_run(run_dir: Path) -> None:
         run_dir.rmdir()
 
 
+def check_replaceable(path: Path, is_ours: Callable[[Path], bool], kind: str) -> None:
+    """Refuse an output path that exists and is not a regular file qin wrote (`is_ours` tells)."""
+    path = Path(path)
+    if path.is_symlink():
+        raise QinError(f"{path}: is a symbolic link; qin replaces outputs atomically and would replace the "
+                       "link itself, not write through it. Pass the target path")
+    if not path.exists():
+        return
+    if not path.is_file():
+        raise QinError(f"{path}: exists and is not a regular file (a folder or a device); "
+                       "choose a file path")
+    if not is_ours(path):
+        raise QinError(f"{path}: exists and is not {kind}; not replacing it. Move it or choose another --out")
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it; restored at once
+    os.umask(mask)
+    return mask
+
+
 def file_mode() -> int:
     """The mode a plainly created file gets: 0666 minus the umask (0644 with the usual 022).
 
     `tempfile.mkstemp` creates 0600 files; renaming one into place would keep that and hide a
     submission or checkpoint from everyone else.
     """
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
+    return 0o666 & ~_umask()
+
+
+def folder_mode() -> int:
+    """The mode a plainly created folder gets (0755 with umask 022); `mkdtemp` makes 0700 ones."""
+    return 0o777 & ~_umask()
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

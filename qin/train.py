@@ -189,10 +189,13 @@ def fit(cfg: Config, features: FeatureSet, run_dir: Path, resume: bool = False, 
         state = _restore(run_dir / "last.pt", model, optimizer, cfg, features)
         if dist.is_main:
             _trim_metrics(run_dir / "metrics.jsonl", state.global_step)
+            if state.finished:
+                console.log(f"{run_dir} had already finished; its best.pt is scored again, nothing trains")
     elif dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    already_finished = state.finished
 
     train_model: torch.nn.Module = distributed.wrap(model, dist, device)
     step_fn = make_train_step(model, train_model, optimizer, cfg, device)
@@ -263,7 +266,7 @@ def fit(cfg: Config, features: FeatureSet, run_dir: Path, resume: bool = False, 
                        steps=state.global_step, epochs_run=state.epoch + (1 if state.batch_in_epoch else 0),
                        stopped_early=state.stopped_early, train_seconds=state.train_seconds,
                        evaluations=evaluations)
-    if dist.is_main:
+    if dist.is_main and not already_finished:  # a finished run was summarised when it finished
         summary = _summary(result, cfg, features)
         atomic_write_text(run_dir / "result.json", json.dumps(summary, indent=2, default=str))
         append_jsonl(Path(train_cfg.run_root) / "results.jsonl", summary)

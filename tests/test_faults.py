@@ -244,6 +244,29 @@ def test_kill_9_then_resume_ends_at_the_same_weights(run, tmp_path):
     assert steps == sorted(set(steps))  # no evaluation logged twice
 
 
+def test_resume_of_a_finished_run_trains_nothing_and_logs_nothing_twice(run):
+    root, _, done = run
+    results = root / "runs" / "results.jsonl"
+    lines, metrics = results.read_text(), (done / "metrics.jsonl").read_text()
+    result = invoke("train", "--resume", str(done), "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "already finished" in result.output
+    assert results.read_text() == lines and (done / "metrics.jsonl").read_text() == metrics
+
+
+def test_a_damaged_feature_array_is_rebuilt_not_trusted(run):
+    root, config, _ = run
+    (feature_dir,) = [path for path in (root / "features").iterdir() if not path.name.startswith(".")]
+    history = feature_dir / "valid" / "history.npy"
+    intact = history.read_bytes()
+    history.write_bytes(intact[: len(intact) // 2])
+    with pytest.raises(QinError, match="not a readable .npy array"):
+        load_features(feature_dir).split("valid")
+    result = invoke("preprocess", "-c", str(config))
+    assert result.exit_code == 0 and "rebuilt" in result.output, result.output
+    assert history.read_bytes() == intact
+
+
 class Interrupt(Exception):
     pass
 

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from qin.embed.encoders import DEFAULT_TEXT_NAME, default_text_model
+from qin.runs import file_mode
 
 _CACHE_VERSION = 1  # bump when the encoding code changes what a cached vector means
 
@@ -55,6 +56,7 @@ def _save_atomic(path: Path, array: np.ndarray) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             np.save(handle, array)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

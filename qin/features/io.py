@@ -289,7 +289,11 @@ def _load(path: Path) -> np.ndarray:
     """Memory-map one ``.npy`` file read-only, with an error naming it if it is missing."""
     if not path.is_file():
         raise QinError(f"{path}: missing from the feature folder (rebuild with `qin preprocess --force`)")
-    return np.load(path, mmap_mode="r")
+    try:
+        return np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as error:  # a truncated or overwritten array file
+        raise QinError(f"{path}: not a readable .npy array ({error}); the feature folder is damaged, "
+                       "rebuild it with `qin preprocess --force`") from error
 
 
 def load_features(feature_dir: Path) -> FeatureSet:

@@ -407,14 +407,25 @@ def _up_to_date(out_dir: Path, config: dict[str, Any], sources: dict[str, dict[s
         old = old_sources[name]
         if old.get("size") != entry["size"] or old.get("sha256") != entry["sha256"]:
             return False
-    # A folder someone pruned by hand is not up to date either.
-    expected = [out_dir / "items" / "item_tags.npy", out_dir / "items" / "item_emb.npy"]
+    # A folder someone pruned or damaged by hand is not up to date either: every array must open
+    # (its header read through a memory map, no data) with the rows the manifest records.
+    expected = {out_dir / "items" / "item_tags.npy": manifest.get("item_vocab"),
+                out_dir / "items" / "item_emb.npy": manifest.get("item_vocab")}
     for split, info in manifest.get("splits", {}).items():
         names = ["item_id", "history", "likes_level", "views_level", "user_id"]
         names += ["label"] if info.get("has_label") else []
         names += ["ID"] if split == "test" else []
-        expected += [out_dir / split / f"{name}.npy" for name in names]
-    return set(manifest.get("splits", {})) == set(SPLITS) and all(path.is_file() for path in expected)
+        expected |= {out_dir / split / f"{name}.npy": info.get("rows") for name in names}
+    return set(manifest.get("splits", {})) == set(SPLITS) and all(
+        _array_rows(path) == rows for path, rows in expected.items())
+
+
+def _array_rows(path: Path) -> int | None:
+    """Rows of a .npy file whose whole payload is on disk; None when it is missing or damaged."""
+    try:
+        return int(np.load(path, mmap_mode="r").shape[0])
+    except (OSError, ValueError, EOFError, IndexError):
+        return None
 
 
 def _remove_stale(out_dir: Path) -> None:
