@@ -236,7 +236,10 @@ def fit(cfg: Config, features: FeatureSet, run_dir: Path, resume: bool = False, 
                 at_epoch_end = state.batch_in_epoch >= steps_per_epoch
                 at_max_steps = train_cfg.max_steps is not None and state.global_step >= train_cfg.max_steps
                 due = at_epoch_end if eval_every is None else state.global_step % eval_every == 0
-                if due or at_max_steps:
+                # The last step always evaluates: with eval_steps longer than the run there would
+                # otherwise be no evaluation, hence no best.pt, after all the training.
+                at_last_step = at_epoch_end and state.epoch == train_cfg.epochs - 1
+                if due or at_max_steps or (at_last_step and state.best_step < 0):
                     record = _evaluate_and_schedule(model, valid_split, device, cfg, state, optimizer,
                                                     run_dir, dist, vocab, features, loss_sum / loss_rows,
                                                     window_rows / window_seconds)

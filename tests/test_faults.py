@@ -333,6 +333,13 @@ def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoints(tiny
     assert load_checkpoint(tmp_path / "run" / "best.pt")["step"] == 4
 
 
+def test_eval_steps_longer_than_the_run_still_gives_a_best_checkpoint(tiny_data, tiny_features, tmp_path):
+    cfg = tiny_config(tiny_data, tmp_path, epochs=2, batch_size=2000, eval_steps=1000)  # 8 steps in all
+    result = fit(cfg, load_features(tiny_features), tmp_path / "run", progress=False)
+    assert [record["step"] for record in result.evaluations] == [8]
+    assert (tmp_path / "run" / "best.pt").is_file()
+
+
 def test_a_huge_finite_loss_counts_as_divergence():
     from qin.train import LoopState
 
