@@ -121,7 +121,11 @@ def synth(
                                                        "(no images, no item_feature.parquet).")]
     = SynthProcess.demo,
 ) -> None:
-    """Generate a demo data set with the challenge's layout and a known oracle AUC."""
+    """Generate a demo data set with the challenge's layout and a known oracle AUC.
+
+    The outputs of an earlier `qin synth` in --out are replaced whole (MicroLens_1M_x1/, hidden/, ...);
+    other files there are kept, and a folder holding files qin synth did not write is refused.
+    """
     if process is SynthProcess.logs:
         _synth_logs(size.value, out, seed, test_label)
         return
@@ -194,11 +198,18 @@ def train(
 
     if resume is not None and (run_dir is not None or overwrite):
         raise QinError("--resume continues the run in its own folder; drop --run-dir / --overwrite")
-    cfg = _load_config(config, overrides)
     dist = distributed.context()
     if resume is not None:
         run_dir = resume
-        cfg = _load_config(resume / "config.yaml", overrides) if config == Path("qin.yaml") else cfg
+        # Without -c the run's own config.yaml is the config (no qin.yaml needed in the current folder).
+        cfg = _load_config(resume / "config.yaml" if config == Path("qin.yaml") else config, overrides)
+    else:
+        cfg = _load_config(config, overrides)
+    # Paths become absolute before config.yaml is written, so a run resumes or predicts from any folder.
+    cfg = cfg.with_absolute_paths()
+    created = False
+    if run_dir is not None and resume is None and dist.is_main:
+        created = prepare_run_dir(run_dir, overwrite)  # before any work: a refused folder costs nothing
     feature_dir = _build_features(cfg).feature_dir if dist.is_main else None
     if dist.world_size > 1:
         distributed.barrier(dist)  # rank 0 builds the features; the others wait, then read them
@@ -207,11 +218,8 @@ def train(
         data = cfg.data
         feature_dir = feature_dir_for(Path(data.features_root), Path(data.raw_dir), data.max_len,
                                       Path(data.item_info) if data.item_info else None)
-    created = False
     if run_dir is None:
         run_dir, created = _shared_run_dir(cfg, dist), True
-    elif resume is None and dist.is_main:
-        created = prepare_run_dir(run_dir, overwrite)
     try:
         result = fit(cfg, load_features(feature_dir), run_dir, resume=resume is not None, progress=progress,
                      console=console)
@@ -274,8 +282,11 @@ def predict(
         console.print(f"wrote per-row validation predictions: {target}")
         return
     if out is None:
-        auc_text = f"{loaded.checkpoint.get('valid_auc', float('nan')):.4f}"
-        out = Path("submissions") / f"{loaded.run_dir.name}_{auc_text}.csv"
+        valid_auc = loaded.checkpoint.get("valid_auc")
+        # last.pt records no AUC of its own weights: name the file by its step instead.
+        tag = f"{valid_auc:.4f}" if valid_auc is not None else \
+            f"last-step{loaded.checkpoint.get('loop_state', {}).get('global_step', 0)}"
+        out = Path("submissions") / f"{loaded.run_dir.name}_{tag}.csv"
     sidecar = write_submission(loaded, out, column=column.value, make_zip=make_zip)
     console.print(f"wrote {sidecar['rows']} rows to {out}" + (f" and {sidecar['zip']}" if make_zip else ""))
     print(out)

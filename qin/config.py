@@ -222,11 +222,37 @@ class Config:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
+    def with_absolute_paths(self) -> Config:
+        """A copy whose folder and file paths are absolute (resolved against the current folder)."""
+        data = dataclasses.replace(
+            self.data, raw_dir=_absolute(self.data.raw_dir), features_root=_absolute(self.data.features_root),
+            item_info=_absolute(self.data.item_info) if self.data.item_info is not None else None)
+        train = dataclasses.replace(self.train, run_root=_absolute(self.train.run_root))
+        return dataclasses.replace(self, data=data, train=train)
+
     def replace(self, section: str, **changes: Any) -> Config:
         """A copy with some fields of one section changed, converted and validated like YAML values."""
         raw = self.to_dict()
         raw[section] = {**raw[section], **_plain(changes)}
         return Config.from_dict(raw, source="Config.replace")
+
+
+PATH_KEYS = (("data", "raw_dir"), ("data", "features_root"), ("data", "item_info"), ("train", "run_root"))
+
+
+def _absolute(path: str) -> str:
+    return str(Path(path).expanduser().absolute())
+
+
+def comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """`Config.to_dict()` output with its paths absolute, so configs written from different folders
+    or before paths were stored absolute compare by what they point at."""
+    result = {section: dict(values) for section, values in config.items()}
+    for section, key in PATH_KEYS:
+        value = result.get(section, {}).get(key)
+        if isinstance(value, str):
+            result[section][key] = _absolute(value)
+    return result
 
 
 def _plain(value: Any) -> Any:

@@ -8,6 +8,8 @@ read-only folder, a file where a folder should be) become `QinError`s through `o
 from __future__ import annotations
 
 import errno
+import shutil
+from pathlib import Path
 
 
 class QinError(Exception):
@@ -27,14 +29,32 @@ _CAUSES = {
 }
 
 
-def os_error(error: OSError, doing: str | None = None) -> QinError:
+def os_error(error: OSError, doing: str | None = None, path: Path | str | None = None) -> QinError:
     """A one-line `QinError` for an OSError: the path, the cause and, if given, what was being done.
 
-    e.g. ``/data/features/x.tmp-12: no space left on the device (writing the feature folder)``.
+    e.g. ``/data/features/x: no space left on the device (writing the feature folder)``. `path` is
+    named when the error carries none. Some writers (numpy's, zip's) raise an OSError without an
+    errno on a full disk; then the free space of the path's file system decides the cause.
     """
-    path = error.filename if error.filename is not None else "?"
+    named = error.filename if error.filename is not None else path
+    shown = str(named) if named is not None else "(path unknown)"
     if error.filename2 is not None:
-        path = f"{path} -> {error.filename2}"
-    cause = _CAUSES.get(error.errno or -1) or error.strerror or str(error)
+        shown = f"{shown} -> {error.filename2}"
+    cause = _CAUSES.get(error.errno or -1)
+    if cause is None and error.errno is None and named is not None and _disk_full(Path(named)):
+        cause = _CAUSES[errno.ENOSPC]
+    if cause is None:
+        cause = error.strerror or str(error) or type(error).__name__
     suffix = f" ({doing})" if doing else ""
-    return QinError(f"{path}: {cause}{suffix}")
+    return QinError(f"{shown}: {cause}{suffix}")
+
+
+def _disk_full(path: Path) -> bool:
+    """Whether the file system holding `path` (or its nearest existing parent) has under 1 MiB free."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            try:
+                return shutil.disk_usage(candidate).free < 1 << 20
+            except OSError:
+                return False
+    return False

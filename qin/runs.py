@@ -17,6 +17,7 @@ else's checkpoint cannot run code.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import hashlib
 import io
 import json
@@ -164,8 +165,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     interrupt) the temporary file is removed and `path` is untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    make_parent_folders(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise OSError(error.errno, error.strerror, str(path)) from error  # name the target, not a temp name
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -173,9 +177,20 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(handle.fileno())
             os.fchmod(handle.fileno(), file_mode())
         os.replace(tmp, path)
+    except OSError as error:
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(error.errno, error.strerror, str(path)) from error
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def make_parent_folders(path: Path) -> None:
+    """Create the folders above `path`; a file standing where one of them should be is named as such."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as error:  # mkdir(exist_ok=True) raises this only when a component is a file
+        raise NotADirectoryError(errno.ENOTDIR, "Not a directory", error.filename) from error
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -36,7 +36,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from qin import distributed
-from qin.config import Config, DeviceChoice, Regularization, TrainConfig
+from qin.config import Config, DeviceChoice, Regularization, TrainConfig, comparable
 from qin.data import SplitTensors, epoch_order, item_tables_of, iterate_batches, vocab_of
 from qin.errors import QinError
 from qin.features.io import FeatureSet
@@ -443,8 +443,8 @@ def _restore(path: Path, model: CTRModel, optimizer: torch.optim.Optimizer, cfg:
     if not path.is_file():
         raise QinError(f"cannot resume: {path} not found (was this run started?)")
     saved = load_checkpoint(path)
-    if saved["config"] != cfg.to_dict():
-        difference = _config_difference(saved["config"], cfg.to_dict())
+    if comparable(saved["config"]) != comparable(cfg.to_dict()):
+        difference = _config_difference(comparable(saved["config"]), comparable(cfg.to_dict()))
         raise QinError(f"cannot resume {path.parent}: the config differs from the one it was started with in "
                        f"{difference} (see {path.parent / 'config.yaml'})")
     recorded = saved.get("feature_sources")

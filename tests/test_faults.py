@@ -413,7 +413,8 @@ def test_a_file_where_a_folder_should_be_is_one_line(run, tmp_path):
     message = one_error_line(invoke("train", "-c", str(config), "--set", f"train.run_root={afile}",
                                     "--no-progress"))
     assert str(afile) in message
-    assert str(afile) in one_error_line(invoke("predict", "--run", str(done), "--out", str(afile / "s.csv")))
+    message = one_error_line(invoke("predict", "--run", str(done), "--out", str(afile / "s.csv")))
+    assert str(afile) in message and "is a file, not a folder" in message
     assert afile.read_text() == "x"
 
 
@@ -432,8 +433,27 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_leaves_no_temp(ru
     monkeypatch.setattr(runs_module.os, "fsync", fsync_full_after_config)
     run_dir = tmp_path / "full"
     message = one_error_line(invoke("train", "-c", str(config), "--run-dir", str(run_dir), "--no-progress"))
-    assert "no space left on the device" in message
+    assert "no space left on the device" in message and f"{run_dir}/" in message and ".tmp" not in message
     assert not [p for p in run_dir.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_a_write_error_without_errno_on_a_full_disk_says_so(tmp_path, monkeypatch):
+    import shutil as shutil_module
+
+    from qin.errors import os_error
+
+    usage = shutil_module.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage._replace(free=0))
+    message = str(os_error(OSError(None, None), doing="writing x", path=tmp_path / "a.npy"))
+    assert message == f"{tmp_path / 'a.npy'}: no space left on the device (writing x)"
+
+
+def test_resume_needs_no_config_in_the_current_folder(run, tmp_path, monkeypatch):
+    _, _, done = run
+    monkeypatch.chdir(tmp_path)  # no qin.yaml here, and relative paths would point elsewhere
+    result = invoke("train", "--resume", str(done), "--no-progress")
+    assert result.exit_code == 0 and "already finished" in result.output, result.output
+    assert not (tmp_path / "features").exists()
 
 
 def test_evaluate_refuses_the_truth_of_another_data_set(run, tmp_path):
