@@ -59,7 +59,14 @@ def _run_dir_or_latest(run: Path | None, config: Config | None = None) -> Path:
 
     if run is not None:
         return run
-    return latest_run_dir(Path(config.train.run_root if config else "runs"))
+    chosen = latest_run_dir(Path(config.train.run_root if config else "runs"))
+    console.print(f"run: {chosen} (the newest finished run; choose another with --run)", highlight=False)
+    return chosen
+
+
+def _say_warnings(loaded: Any) -> None:
+    for warning in loaded.warnings:
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False, soft_wrap=True)
 
 
 class SizeChoice(str, Enum):  # noqa: UP042 - the (str, Enum) form is what typer lists as choices
@@ -192,12 +199,12 @@ def train(
 ) -> None:
     """Train, early-stop on validation AUC, keep the best checkpoint (runs/<name>/best.pt)."""
     from qin import distributed
-    from qin.features.io import load_features
-    from qin.runs import prepare_run_dir, remove_unstarted_run
-    from qin.train import fit
+    from qin.runs import RunLock, prepare_run_dir, remove_unstarted_run
 
     if resume is not None and (run_dir is not None or overwrite):
         raise QinError("--resume continues the run in its own folder; drop --run-dir / --overwrite")
+    if resume is not None and resume.is_file():
+        raise QinError(f"--resume takes the run folder, not a file: use --resume {resume.parent}")
     dist = distributed.context()
     if resume is not None:
         run_dir = resume
@@ -207,9 +214,38 @@ def train(
         cfg = _load_config(config, overrides)
     # Paths become absolute before config.yaml is written, so a run resumes or predicts from any folder.
     cfg = cfg.with_absolute_paths()
+    if dist.world_size == 1:
+        from qin.train import resolve_device
+
+        resolve_device(cfg.train.device)  # no GPU for train.device=cuda: say so before preprocessing
     created = False
-    if run_dir is not None and resume is None and dist.is_main:
-        created = prepare_run_dir(run_dir, overwrite)  # before any work: a refused folder costs nothing
+    if run_dir is None:
+        run_dir, created = _shared_run_dir(cfg, dist), True
+    lock = RunLock(run_dir)
+    if dist.is_main:
+        created = lock.acquire() or created
+    try:
+        if resume is None and dist.is_main:
+            created = prepare_run_dir(run_dir, overwrite) or created  # before any work
+        result = _train_locked(cfg, run_dir, resume is not None, progress, dist)
+    except (QinError, OSError, KeyboardInterrupt):
+        lock.release(failed=True)
+        if created and dist.is_main:
+            remove_unstarted_run(run_dir)  # a run that failed before its first checkpoint leaves nothing
+        raise
+    lock.release()
+    if dist.is_main:
+        console.print(f"best valid AUC {result.valid_auc:.5f} (epoch {result.best_epoch}); "
+                      f"checkpoint {run_dir / 'best.pt'}")
+    distributed.shutdown(dist)
+
+
+def _train_locked(cfg: Config, run_dir: Path, resume: bool, progress: bool, dist: Any) -> Any:
+    """Features (rank 0 builds, the others wait), then `fit`; the run folder is locked by the caller."""
+    from qin import distributed
+    from qin.features.io import load_features
+    from qin.train import fit
+
     feature_dir = _build_features(cfg).feature_dir if dist.is_main else None
     if dist.world_size > 1:
         distributed.barrier(dist)  # rank 0 builds the features; the others wait, then read them
@@ -218,19 +254,7 @@ def train(
         data = cfg.data
         feature_dir = feature_dir_for(Path(data.features_root), Path(data.raw_dir), data.max_len,
                                       Path(data.item_info) if data.item_info else None)
-    if run_dir is None:
-        run_dir, created = _shared_run_dir(cfg, dist), True
-    try:
-        result = fit(cfg, load_features(feature_dir), run_dir, resume=resume is not None, progress=progress,
-                     console=console)
-    except (QinError, OSError):
-        if created and dist.is_main:
-            remove_unstarted_run(run_dir)  # a run that failed before its first checkpoint leaves nothing
-        raise
-    if dist.is_main:
-        console.print(f"best valid AUC {result.valid_auc:.5f} (epoch {result.best_epoch}); "
-                      f"checkpoint {run_dir / 'best.pt'}")
-    distributed.shutdown(dist)
+    return fit(cfg, load_features(feature_dir), run_dir, resume=resume, progress=progress, console=console)
 
 
 def _shared_run_dir(cfg: Config, dist) -> Path:
@@ -276,6 +300,7 @@ def predict(
         check_frame_output(out) if split is PredictSplit.valid else submission_paths(out, make_zip)
     loaded = load_run(_run_dir_or_latest(run), feature_dir=features,
                       device=device.value if device is not None else None)
+    _say_warnings(loaded)
     if split is PredictSplit.valid:
         target = out or loaded.run_dir / "valid_predictions.parquet"
         write_frame(validation_predictions(loaded), target)
@@ -304,7 +329,9 @@ def evaluate(
     """AUC and logloss on the validation split (and the oracle AUC on generated data)."""
     from qin.predict import evaluate_run, load_run
 
-    result = evaluate_run(load_run(_run_dir_or_latest(run), feature_dir=features), truth)
+    loaded = load_run(_run_dir_or_latest(run), feature_dir=features)
+    _say_warnings(loaded)
+    result = evaluate_run(loaded, truth)
     table = Table(title="validation")
     for key in result:
         table.add_column(key)
@@ -366,6 +393,14 @@ def embed(
 
     item_feature, item_info = data / "item_feature.parquet", data / "MicroLens_1M_x1" / "item_info.parquet"
     target = out or data / f"item_info_{source.value}.parquet"
+    content_only = {"--text-model": text_model is not None, "--image-model": image_model is not None,
+                    "--images": images is not None, "--text-weight": text_weight != 0.5,
+                    "--image-weight": image_weight != 0.5, "--fusion": fusion is not FusionChoice.concat,
+                    "--batch-size": batch_size != 64}
+    given = [name for name, changed in content_only.items() if changed]
+    if source is EmbedSource.precomputed and given:
+        raise QinError(f"--from precomputed encodes nothing, so {', '.join(given)} would be ignored; "
+                       "drop them or use --from content")
     if source is EmbedSource.precomputed:
         result = embed_from_precomputed(item_feature, item_info, target, dim=dim)
     else:
@@ -394,6 +429,8 @@ def neighbors(
     from qin.embed import neighbors as nearest
 
     item_feature = (data / "item_feature.parquet") if data else table.parent.parent / "item_feature.parquet"
+    if data is not None and not item_feature.is_file():
+        raise QinError(f"{item_feature}: file not found (--data must hold item_feature.parquet, for titles)")
     frame = nearest(table, item_feature if item_feature.is_file() else None, item_id, k=k)
     out = Table(title=f"nearest items to {item_id}")
     for column in frame.columns:

@@ -127,6 +127,8 @@ class ModelConfig:
                 raise QinError(f"model.{key} must be in [0, 1), got {value}")
         if self.attention_dim is not None and self.attention_dim < 1:
             raise QinError(f"model.attention_dim must be >= 1 or null, got {self.attention_dim}")
+        if not self.mlp_hidden or not self.din_attention_hidden:
+            raise QinError("model.mlp_hidden and model.din_attention_hidden need at least one width")
         if any(width < 1 for width in self.mlp_hidden + self.din_attention_hidden):
             raise QinError("model.mlp_hidden and model.din_attention_hidden need positive widths")
         if self.embedding_dim % self.num_heads:
@@ -167,6 +169,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.learning_rate <= 0:
             raise QinError(f"train.learning_rate must be > 0, got {self.learning_rate}")
+        if self.min_lr > self.learning_rate:
+            raise QinError(f"train.min_lr ({self.min_lr:g}) must not exceed train.learning_rate "
+                           f"({self.learning_rate:g}): the plateau decay would raise the learning rate")
+        if not -(2**63) <= self.seed < 2**63:
+            raise QinError(f"train.seed must fit in 64 bits, got {self.seed}")
         if self.threads is not None and self.threads < 1:
             raise QinError(f"train.threads must be >= 1 or null (torch's default), got {self.threads}")
         if self.max_loss is not None and self.max_loss <= 0:
@@ -196,12 +203,14 @@ class Config:
     def from_yaml(path: str | Path, overrides: list[str] | None = None) -> Config:
         """Load `path` (following `base:`), apply `section.key=value` overrides, validate."""
         raw = _read_yaml_with_base(Path(path), seen=())
-        for item in overrides or []:
-            _apply_override(raw, item)
-        return Config.from_dict(raw, source=str(path))
+        overridden = {_apply_override(raw, item) for item in overrides or []}
+        return Config.from_dict(raw, source=str(path), overridden=frozenset(overridden))
 
     @staticmethod
-    def from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
+    def from_dict(raw: dict[str, Any], source: str = "<dict>",
+                  overridden: frozenset[str] = frozenset()) -> Config:
+        """Build and validate. An error about a key in `overridden` (e.g. "train.epochs") names --set,
+        not `source`, as where the bad value came from."""
         sections = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
         unknown = set(raw) - set(sections)
         if unknown:
@@ -212,7 +221,7 @@ class Config:
             values = raw.get(name) or {}
             if not isinstance(values, dict):
                 raise QinError(f"{source}: section '{name}' must be a mapping, got {type(values).__name__}")
-            built[name] = _build_section(cls, values, prefix=name, source=source)
+            built[name] = _build_section(cls, values, prefix=name, source=source, overridden=overridden)
         return Config(**built)
 
     def to_dict(self) -> dict[str, Any]:
@@ -271,9 +280,9 @@ def _read_yaml_with_base(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     if path.resolve() in seen:
         raise QinError(f"{path}: 'base:' chain loops back to itself")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as error:
-        raise QinError(f"{path}: not valid YAML: {error}") from error
+        raise QinError(f"{path}: not valid YAML{_yaml_where(error)}") from error
     except UnicodeDecodeError as error:
         raise QinError(f"{path}: not a UTF-8 text file ({error.reason} at byte {error.start})") from error
     if not isinstance(raw, dict):
@@ -290,7 +299,31 @@ def _read_yaml_with_base(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     return base
 
 
-def _apply_override(raw: dict[str, Any], item: str) -> None:
+def _yaml_where(error: yaml.YAMLError) -> str:
+    """' at line L, column C: problem' in one line (PyYAML's own text spans several, with a caret)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{where}: {problem}"
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last one
+    silently, so a stray second `learning_rate:` would win unnoticed)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given a second time in the same mapping", key_node.start_mark)
+            seen[key] = True
+        return super().construct_mapping(node, deep=deep)
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> str:
+    """Apply one `section.key=value` to the raw tree; returns "section.key"."""
     key, sep, text = item.partition("=")
     section, dot, name = key.strip().partition(".")
     if not sep or not dot or not name:
@@ -306,6 +339,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     if _is_text_field(section, name) and value is not None and not isinstance(value, list | dict):
         value = text.strip()
     raw[section][name] = value
+    return f"{section}.{name}"
 
 
 def _is_text_field(section: str, name: str) -> bool:
@@ -318,14 +352,17 @@ def _is_text_field(section: str, name: str) -> bool:
                            and str in typing.get_args(hint))
 
 
-def _build_section(cls: type, values: dict[str, Any], prefix: str, source: str) -> Any:
+def _build_section(cls: type, values: dict[str, Any], prefix: str, source: str,
+                   overridden: frozenset[str] = frozenset()) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
         raise QinError(f"{source}: unknown config key(s) {', '.join(f'{prefix}.{k}' for k in unknown)}; "
                        f"valid keys of '{prefix}': {', '.join(sorted(names))}")
-    converted = {key: _convert(value, hints[key], f"{prefix}.{key}", source) for key, value in values.items()}
+    converted = {key: _convert(value, hints[key], f"{prefix}.{key}",
+                               "--set" if f"{prefix}.{key}" in overridden else source)
+                 for key, value in values.items()}
     return cls(**converted)
 
 

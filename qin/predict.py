@@ -34,6 +34,8 @@ from qin.runs import atomic_write_bytes, atomic_write_text, check_replaceable, g
 from qin.train import load_weights, predict_probabilities, resolve_device
 
 SUBMISSION_COLUMNS = ("Task1", "Task2", "Task1&2")
+PREDICTION_COLUMNS = ("row", "user_id", "item_id", "likes_level", "views_level", "history_len", "label",
+                      "prediction")  # `qin predict --split valid`
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,9 @@ class LoadedRun:
     features: FeatureSet
     device: torch.device
     checkpoint: dict[str, Any]
+    # Ways the features differ from the ones the run trained on (rebuilt from other raw files, another
+    # history length): scoring still works, but the numbers are not the run's own. Said, not hidden.
+    warnings: tuple[str, ...] = ()
 
 
 def load_run(run_dir: Path, feature_dir: Path | None = None, device: str | None = None) -> LoadedRun:
@@ -71,7 +76,22 @@ def load_run(run_dir: Path, feature_dir: Path | None = None, device: str | None 
     load_weights(model, checkpoint["model_state"], checkpoint_path)
     model.to(chosen).eval()
     return LoadedRun(run_dir if run_dir.is_dir() else run_dir.parent, config, model, features, chosen,
-                     checkpoint)
+                     checkpoint, _feature_warnings(checkpoint, config, features))
+
+
+def _feature_warnings(checkpoint: dict[str, Any], config: Config, features: FeatureSet) -> tuple[str, ...]:
+    warnings = []
+    recorded = checkpoint.get("feature_sources")
+    if recorded:
+        now = {name: entry.get("sha256", "") for name, entry in features.manifest.get("sources", {}).items()}
+        changed = sorted(name for name in set(recorded) | set(now) if recorded.get(name) != now.get(name))
+        if changed:
+            warnings.append(f"{features.dir} was built from other raw files than the run trained on "
+                            f"({', '.join(changed)} differ): scores are not the run's recorded ones")
+    if features.manifest.get("max_len") != config.data.max_len:
+        warnings.append(f"{features.dir} keeps {features.manifest.get('max_len')} history items per row, the "
+                        f"run trained on {config.data.max_len}")
+    return tuple(warnings)
 
 
 def _trained_feature_dir(checkpoint: dict[str, Any], config: Config) -> Path:
@@ -136,7 +156,8 @@ def _first_line(path: Path) -> str:
 
 
 def _is_submission_csv(path: Path) -> bool:
-    return path.stat().st_size == 0 or _first_line(path).startswith("ID,")
+    """A submission qin writes: header exactly ID,<one of the submission columns>."""
+    return _first_line(path).rstrip("\r\n") in {f"ID,{column}" for column in SUBMISSION_COLUMNS}
 
 
 def _is_sidecar(path: Path) -> bool:
@@ -156,7 +177,7 @@ def _is_submission_zip(path: Path) -> bool:
 
 
 def _is_prediction_frame(path: Path) -> bool:
-    """An earlier `qin predict --split valid` output (its columns start with row, user_id)."""
+    """An earlier `qin predict --split valid` output (exactly its columns)."""
     try:
         if path.suffix == ".parquet":
             names = pl.read_parquet_schema(path).keys()
@@ -164,7 +185,7 @@ def _is_prediction_frame(path: Path) -> bool:
             names = _first_line(path).strip().split(",")
     except Exception:  # unreadable: not ours
         return False
-    return list(names)[:2] == ["row", "user_id"]
+    return list(names) == list(PREDICTION_COLUMNS)
 
 
 def write_submission(run: LoadedRun, out: Path, column: str = "Task2",

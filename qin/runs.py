@@ -37,6 +37,7 @@ DIGESTS = "checkpoints.json"
 DIGESTS_FORMAT = "qin-checkpoint-digests-v1"
 # What a run folder written by `qin train` holds (see the module docstring); `--overwrite` removes these only.
 RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "best.pt", DIGESTS, "result.json")
+LOCK = ".qin-train.lock"  # held (flock) by the one `qin train` using the folder; kept between runs
 
 
 def git_commit() -> str | None:
@@ -64,11 +65,15 @@ def new_run_dir(run_root: Path, model_name: str) -> Path:
 
 
 def latest_run_dir(run_root: Path) -> Path:
-    """The most recently finished run (newest best.pt) under `run_root`."""
-    candidates = sorted(run_root.glob("*/best.pt"), key=lambda path: path.stat().st_mtime)
+    """The most recently finished run under `run_root`: newest result.json beside a best.pt.
+
+    A run still training or killed has a best.pt but no result.json; it is never picked by default.
+    """
+    finished = [path for path in run_root.glob("*/result.json") if (path.parent / "best.pt").is_file()]
+    candidates = sorted(finished, key=lambda path: path.stat().st_mtime)
     if not candidates:
-        raise QinError(f"no trained run found under {run_root}/ (no */best.pt): run `qin train` first "
-                       "or pass --run RUN_DIR")
+        raise QinError(f"no finished run found under {run_root}/ (no */result.json with a best.pt): run "
+                       "`qin train` first or pass --run RUN_DIR")
     return candidates[-1].parent
 
 
@@ -77,6 +82,54 @@ def is_run_dir(folder: Path) -> bool:
     folder = Path(folder)
     return (folder / "config.yaml").is_file() and any(
         (folder / name).exists() for name in ("last.pt", "best.pt", "metrics.jsonl"))
+
+
+class RunLock:
+    """An exclusive lock on a run folder while one `qin train` writes it.
+
+    Two trainings (or two `--resume`s) in one folder would interleave their checkpoints and metrics.
+    `flock` on a file inside the folder is released by the kernel when the process dies, even by
+    `kill -9`, so a killed run never leaves a stale lock. The lock file stays in the folder.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        self._handle: Any = None
+        self._made_file = False  # whether this lock created the lock file (then a failed start removes it)
+
+    def acquire(self) -> bool:
+        """Take the lock, creating the folder if needed; True when this call created the folder."""
+        import fcntl
+
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise QinError(f"{self.run_dir}: exists and is a file, not a run folder")
+        created = not self.run_dir.exists()
+        make_parent_folders(self.run_dir / LOCK)
+        self._made_file = not (self.run_dir / LOCK).exists()
+        handle = (self.run_dir / LOCK).open("a+")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            handle.close()
+            raise QinError(f"{self.run_dir}: another `qin train` (pid {holder}) is using this run folder; "
+                           "wait for it to finish or choose another --run-dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._handle = handle
+        return created
+
+    def release(self, failed: bool = False) -> None:
+        """Drop the lock. After a failed start, a lock file this lock made in a folder that holds no
+        run (e.g. a folder that was refused) is removed: qin leaves nothing in folders it did not use."""
+        if self._handle is not None:
+            self._handle.close()  # closing the descriptor drops the flock
+            self._handle = None
+        if failed and self._made_file and not is_run_dir(self.run_dir):
+            (self.run_dir / LOCK).unlink(missing_ok=True)
 
 
 def prepare_run_dir(run_dir: Path, overwrite: bool) -> bool:
@@ -92,7 +145,7 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> bool:
     if not run_dir.exists():
         run_dir.mkdir(parents=True)
         return True
-    entries = sorted(path.name for path in run_dir.iterdir())
+    entries = sorted(path.name for path in run_dir.iterdir() if path.name != LOCK)
     if not entries:
         return False
     if not is_run_dir(run_dir):
@@ -115,7 +168,7 @@ def remove_unstarted_run(run_dir: Path) -> None:
     run_dir = Path(run_dir)
     if not run_dir.is_dir() or (run_dir / "last.pt").exists() or (run_dir / "best.pt").exists():
         return
-    for name in RUN_FILES:
+    for name in (*RUN_FILES, LOCK):
         (run_dir / name).unlink(missing_ok=True)
     for leftover in run_dir.glob(".*.tmp"):
         leftover.unlink(missing_ok=True)
@@ -228,8 +281,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         path = path / "best.pt"
     if not path.is_file():
         raise QinError(f"checkpoint not found: {path}")
-    data = path.read_bytes()
     recorded = _read_digests(path.parent)
+    if recorded and path.name not in recorded:
+        raise QinError(f"{path}: not one of this run's checkpoints ({', '.join(sorted(recorded))}); pass the "
+                       f"run folder ({path.parent}) or one of those files")
+    data = path.read_bytes()
     if recorded and hashlib.sha256(data).hexdigest() not in recorded.get(path.name, []):
         raise QinError(f"{path}: content does not match the sha256 recorded in {path.parent / DIGESTS} "
                        "(the file was corrupted or replaced); refusing to load it")
@@ -267,6 +323,14 @@ def _read_digests(folder: Path) -> dict[str, list[str]]:
 
 def _write_digests(folder: Path, digests: dict[str, list[str]]) -> None:
     atomic_write_text(folder / DIGESTS, json.dumps({"format": DIGESTS_FORMAT, "sha256": digests}, indent=2))
+
+
+def check_appendable(path: Path) -> None:
+    """Refuse a log path that exists and is not a regular file (a folder, or a symlink into a user's file)."""
+    path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise QinError(f"{path}: exists and is not a regular file (qin appends one line per run to it); "
+                       "move it away")
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:

@@ -45,6 +45,7 @@ from qin.model import CTRModel, build_model
 from qin.runs import (
     append_jsonl,
     atomic_write_text,
+    check_appendable,
     git_commit,
     load_checkpoint,
     read_jsonl,
@@ -164,7 +165,16 @@ def fit(cfg: Config, features: FeatureSet, run_dir: Path, resume: bool = False, 
     seed_everything(train_cfg.seed)
 
     vocab = vocab_of(features)
-    model = build_model(cfg.model, vocab, item_tables_of(features, cfg.data.mm_normalize)).to(device)
+    if dist.is_main:
+        check_appendable(Path(train_cfg.run_root) / "results.jsonl")  # now, not after the whole run
+    try:
+        model = build_model(cfg.model, vocab, item_tables_of(features, cfg.data.mm_normalize)).to(device)
+    except (RuntimeError, MemoryError) as error:
+        if "alloc" not in str(error).lower() and not isinstance(error, MemoryError):
+            raise
+        first_line = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+        raise QinError(f"the model does not fit in {device.type} memory ({first_line}); lower "
+                       f"model.embedding_dim (now {cfg.model.embedding_dim}) or the layer widths") from error
     train_split = SplitTensors.from_arrays(features.split("train"))
     valid_split = SplitTensors.from_arrays(features.split("valid"))
     if train_split.label is None:
@@ -398,7 +408,7 @@ def _evaluate_and_schedule(model: CTRModel, valid_split: SplitTensors, device: t
                 "model_state": model.state_dict(),
                 "epoch": state.epoch + 1, "step": state.global_step, "valid_auc": metrics["auc"],
                 "valid_logloss": metrics["logloss"], "feature_dir": str(features.dir.resolve()),
-                "mm_dim": int(features.item_emb.shape[1]),
+                "mm_dim": int(features.item_emb.shape[1]), "feature_sources": features_fingerprint(features),
                 "git_commit": git_commit(),
             })
     else:
@@ -441,7 +451,8 @@ def features_fingerprint(features: FeatureSet) -> dict[str, str]:
 def _restore(path: Path, model: CTRModel, optimizer: torch.optim.Optimizer, cfg: Config,
              features: FeatureSet) -> LoopState:
     if not path.is_file():
-        raise QinError(f"cannot resume: {path} not found (was this run started?)")
+        raise QinError(f"cannot resume: {path} not found. The run stopped before its first training state "
+                       "was saved (at the first evaluation or epoch end); start it again with --overwrite")
     saved = load_checkpoint(path)
     if comparable(saved["config"]) != comparable(cfg.to_dict()):
         difference = _config_difference(comparable(saved["config"]), comparable(cfg.to_dict()))

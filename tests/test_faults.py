@@ -476,3 +476,102 @@ def test_neighbors_names_a_broken_table(tmp_path, tiny_data):
     vectors[5] = [float("nan")] * len(vectors[5])
     info.with_columns(pl.Series("item_emb_d128", vectors)).write_parquet(table)
     assert "first bad row 5" in one_error_line(invoke("neighbors", "--table", str(table), "3"))
+
+
+# --------------------------------------------------------------------------------------------------
+# The second battery: concurrency, strict ownership, early checks
+
+
+def test_two_trainings_in_one_run_folder_are_refused(run, tmp_path):
+    from qin.runs import LOCK, RunLock
+
+    _, config, _ = run
+    busy = tmp_path / "busy"
+    lock = RunLock(busy)
+    assert lock.acquire() is True
+    try:
+        message = one_error_line(invoke("train", "-c", str(config), "--run-dir", str(busy), "--no-progress"))
+        assert f"(pid {os.getpid()})" in message and "another `qin train`" in message
+    finally:
+        lock.release()
+    result = invoke("train", "-c", str(config), "--set", "train.epochs=1", "--run-dir", str(busy),
+                    "--no-progress")
+    assert result.exit_code == 0, result.output  # free again once the holder is gone
+    assert (busy / LOCK).is_file() and (busy / "best.pt").is_file()
+
+
+def test_the_default_run_is_the_newest_finished_one(run, tmp_path, monkeypatch):
+    root, _, done = run
+    unfinished = root / "runs" / "zz-still-training"
+    unfinished.mkdir()
+    shutil.copy(done / "best.pt", unfinished / "best.pt")  # newer, but no result.json
+    monkeypatch.chdir(root)
+    result = invoke("predict", "--out", str(tmp_path / "s.csv"))
+    assert result.exit_code == 0, result.output
+    assert "run: runs/zz-still-training" not in result.output and "newest finished run" in result.output
+    shutil.rmtree(unfinished)
+
+
+def test_a_csv_that_merely_starts_with_id_is_not_a_submission(run, tmp_path):
+    _, _, done = run
+    mine = tmp_path / "labels.csv"
+    mine.write_text("ID,label,comment\n0,1,keep me\n")
+    assert "not a submission CSV" in one_error_line(invoke("predict", "--run", str(done), "--out", str(mine)))
+    assert mine.read_text() == "ID,label,comment\n0,1,keep me\n"
+
+
+def test_run_files_that_are_not_checkpoints_are_named_as_such(run):
+    _, _, done = run
+    message = one_error_line(invoke("predict", "--run", str(done / "config.yaml")))
+    assert "not one of this run's checkpoints" in message
+    message = one_error_line(invoke("train", "--resume", str(done / "best.pt")))
+    assert f"--resume {done}" in message
+
+
+def test_predict_warns_when_the_features_come_from_other_raw_files(run, tmp_path):
+    root, config, done = run
+    other = tmp_path / "other"
+    assert invoke("synth", "--size", "tiny", "--seed", "1", "--out", str(other), "--no-images").exit_code == 0
+    built = invoke("preprocess", "-c", str(config), "--set", f"data.raw_dir={other / 'MicroLens_1M_x1'}",
+                   "--set", f"data.features_root={tmp_path / 'features'}")
+    assert built.exit_code == 0, built.output
+    (feature_dir,) = (tmp_path / "features").iterdir()
+    result = invoke("predict", "--run", str(done), "--features", str(feature_dir), "--out",
+                    str(tmp_path / "s.csv"))
+    assert result.exit_code == 0 and "warning:" in result.output and "other raw files" in result.output
+
+
+def test_options_a_command_would_ignore_are_refused(tmp_path, tiny_data):
+    message = one_error_line(invoke("embed", "--from", "precomputed", "--data", str(tiny_data), "--fusion",
+                                    "mean", "--out", str(tmp_path / "t.parquet")))
+    assert "--fusion" in message and not (tmp_path / "t.parquet").exists()
+    table = tiny_data / "MicroLens_1M_x1" / "item_info.parquet"
+    message = one_error_line(invoke("neighbors", "--table", str(table), "--data", str(tmp_path), "3"))
+    assert "item_feature.parquet" in message
+
+
+@pytest.mark.parametrize("override, said", [
+    ("train.min_lr=0.5", "must not exceed train.learning_rate"),
+    ("train.seed=100000000000000000000", "64 bits"),
+    ("model.mlp_hidden=[]", "at least one width"),
+    ("train.epochs=abc", "--set: train.epochs must be int"),
+])
+def test_more_config_values_fail_at_load(run, override, said):
+    _, config, _ = run
+    assert said in one_error_line(invoke("preprocess", "-c", str(config), "--set", override))
+
+
+def test_a_key_given_twice_in_a_yaml_file_is_refused(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("train:\n  learning_rate: 1.0e-3\n  learning_rate: 5.0\n")
+    with pytest.raises(QinError, match="line 3, column 3: key 'learning_rate' given a second time"):
+        Config.from_yaml(path)
+
+
+def test_a_results_log_that_is_not_a_file_is_refused_before_training(run, tmp_path):
+    _, config, _ = run
+    (tmp_path / "results.jsonl").mkdir()
+    message = one_error_line(invoke("train", "-c", str(config), "--set", f"train.run_root={tmp_path}",
+                                    "--no-progress"))
+    assert "results.jsonl: exists and is not a regular file" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.jsonl"]  # no run folder left
