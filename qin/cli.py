@@ -177,13 +177,13 @@ def preprocess(
     console.print(f"features {state}: {result.feature_dir} ({result.seconds:.1f} s)")
 
 
-def _build_features(cfg: Config, force: bool = False):
-    from qin.features.pipeline import build_features, feature_dir_for
+def _build_features(cfg: Config, force: bool = False, expected_sources: dict[str, str] | None = None) -> Any:
+    from qin.features.pipeline import build_features, feature_dir_of
 
     data = cfg.data
     item_info = Path(data.item_info) if data.item_info else None
-    feature_dir = feature_dir_for(Path(data.features_root), Path(data.raw_dir), data.max_len, item_info)
-    return build_features(Path(data.raw_dir), feature_dir, data.max_len, item_info=item_info, force=force)
+    return build_features(Path(data.raw_dir), feature_dir_of(data), data.max_len, item_info=item_info,
+                          force=force, expected_sources=expected_sources)
 
 
 @app.command()
@@ -246,15 +246,24 @@ def _train_locked(cfg: Config, run_dir: Path, resume: bool, progress: bool, dist
     from qin.features.io import load_features
     from qin.train import fit
 
-    feature_dir = _build_features(cfg).feature_dir if dist.is_main else None
+    # A resume refuses changed raw data before the shared feature folder is rebuilt for it.
+    expected = _recorded_sources(run_dir / "last.pt") if resume else None
+    feature_dir = _build_features(cfg, expected_sources=expected).feature_dir if dist.is_main else None
     if dist.world_size > 1:
         distributed.barrier(dist)  # rank 0 builds the features; the others wait, then read them
-        from qin.features.pipeline import feature_dir_for
+        from qin.features.pipeline import feature_dir_of
 
-        data = cfg.data
-        feature_dir = feature_dir_for(Path(data.features_root), Path(data.raw_dir), data.max_len,
-                                      Path(data.item_info) if data.item_info else None)
+        feature_dir = feature_dir_of(cfg.data)
     return fit(cfg, load_features(feature_dir), run_dir, resume=resume, progress=progress, console=console)
+
+
+def _recorded_sources(last: Path) -> dict[str, str] | None:
+    """The raw files' sha256 recorded in a run's last.pt (None for runs from before they were recorded)."""
+    from qin.runs import load_checkpoint
+
+    if not last.is_file():
+        return None  # `fit` says that the run cannot be resumed
+    return load_checkpoint(last).get("feature_sources")
 
 
 def _shared_run_dir(cfg: Config, dist) -> Path:

@@ -19,7 +19,7 @@ from qin.errors import QinError
 
 def run_demo(size: str, cfg: Config, submission: Path, console: Console, seed: int = 0) -> dict[str, Any]:
     from qin.features.io import load_features
-    from qin.features.pipeline import build_features, feature_dir_for
+    from qin.features.pipeline import build_features, feature_dir_of
     from qin.predict import evaluate_run, load_run, submission_paths, write_submission
     from qin.runs import new_run_dir
     from qin.synth import DEFAULT_PARAMS, SynthSize, synthesize
@@ -41,8 +41,8 @@ def run_demo(size: str, cfg: Config, submission: Path, console: Console, seed: i
         synthesize(data_root, SynthSize(size), seed=seed)
 
     console.print("[2/4] preprocessing")
-    feature_dir = feature_dir_for(Path(cfg.data.features_root), raw_dir, cfg.data.max_len, None)
-    built = build_features(raw_dir, feature_dir, cfg.data.max_len)
+    item_info = Path(cfg.data.item_info) if cfg.data.item_info else None
+    built = build_features(raw_dir, feature_dir_of(cfg.data), cfg.data.max_len, item_info=item_info)
     console.print(f"      features: {built.feature_dir} ({'rebuilt' if built.rebuilt else 'up to date'})")
 
     console.print(f"[3/4] training {cfg.model.name.value}")

@@ -99,11 +99,9 @@ def _trained_feature_dir(checkpoint: dict[str, Any], config: Config) -> Path:
     recorded = Path(checkpoint["feature_dir"])
     if (recorded / "manifest.json").is_file():
         return recorded
-    from qin.features.pipeline import feature_dir_for
+    from qin.features.pipeline import feature_dir_of
 
-    data = config.data
-    return feature_dir_for(Path(data.features_root), Path(data.raw_dir), data.max_len,
-                           Path(data.item_info) if data.item_info else None)
+    return feature_dir_of(config.data)
 
 
 def score_split(run: LoadedRun, split: str) -> np.ndarray:

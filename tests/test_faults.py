@@ -575,3 +575,22 @@ def test_a_results_log_that_is_not_a_file_is_refused_before_training(run, tmp_pa
                                     "--no-progress"))
     assert "results.jsonl: exists and is not a regular file" in message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.jsonl"]  # no run folder left
+
+
+def test_resume_after_the_raw_data_changed_is_refused_before_any_rebuild(tmp_path):
+    data = tmp_path / "data"
+    assert invoke("synth", "--size", "tiny", "--out", str(data), "--no-images").exit_code == 0
+    raw = data / "MicroLens_1M_x1"
+    sets = ["--set", f"data.raw_dir={raw}", "--set", f"data.features_root={tmp_path / 'features'}",
+            "--set", "data.max_len=8", "--set", "model.embedding_dim=4", "--set", "model.num_layers=1",
+            "--set", "train.epochs=1", "--set", "train.batch_size=2048"]
+    run_dir = tmp_path / "run"
+    assert invoke("train", "-c", str(ROOT / "qin.yaml"), *sets, "--run-dir", str(run_dir),
+                  "--no-progress").exit_code == 0
+    (feature_dir,) = (tmp_path / "features").iterdir()
+    manifest = (feature_dir / "manifest.json").read_bytes()
+    valid = pl.read_parquet(raw / "valid.parquet")
+    valid.with_columns(pl.col("label").reverse()).write_parquet(raw / "valid.parquet")
+    message = one_error_line(invoke("train", "--resume", str(run_dir), "--no-progress"))
+    assert "raw data changed since the run started (valid.parquet differs" in message
+    assert (feature_dir / "manifest.json").read_bytes() == manifest

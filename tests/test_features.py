@@ -6,6 +6,7 @@ numbers and the memory-mapped writes are all exercised across chunk boundaries.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -15,8 +16,11 @@ import numpy as np
 import polars as pl
 import pytest
 
+from qin.config import DataConfig
 from qin.errors import QinError
 from qin.features import BuildResult, build_features, feature_dir_for, load_features
+from qin.features import pipeline as pipeline_module
+from qin.features.pipeline import feature_dir_of
 from qin.features.steps import left_pad, recent_nonzero
 
 N_ITEMS = 30  # V: item ids 0..29, 0 = padding
@@ -93,11 +97,28 @@ def write_raw(
 
 
 def build(
-    raw: Path, out: Path, max_len: int = 5, item_info: Path | None = None, force: bool = False
+    raw: Path,
+    out: Path,
+    max_len: int = 5,
+    item_info: Path | None = None,
+    force: bool = False,
+    expected_sources: dict[str, str] | None = None,
 ) -> BuildResult:
     return build_features(
-        raw, out, max_len, item_info=item_info, force=force, progress=False, chunk_rows=CHUNK
+        raw,
+        out,
+        max_len,
+        item_info=item_info,
+        force=force,
+        progress=False,
+        chunk_rows=CHUNK,
+        expected_sources=expected_sources,
     )
+
+
+def no_build(*args: object, **kwargs: object) -> None:
+    """Stands in for `pipeline._build` where a build must be refused before any work."""
+    pytest.fail("the build started")
 
 
 def expected_history(seq: list[int], max_len: int) -> list[int]:
@@ -495,6 +516,66 @@ def test_refuses_to_replace_a_folder_that_is_not_a_feature_folder(tmp_path: Path
     assert (out / "notes.txt").read_text() == "keep me"
 
 
+def test_rebuild_refuses_a_folder_holding_files_it_did_not_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw = write_raw(tmp_path)
+    out = tmp_path / "f"
+    build(raw, out)
+    (out / "myrun").mkdir()
+    (out / "myrun" / "best.pt").write_text("weights")  # `qin train --run-dir <feature folder>/myrun`
+    (out / "sub.csv").write_text("ID,prob")
+    before = (out / "manifest.json").read_text()
+
+    # An up-to-date folder is not rebuilt, so nothing is at risk: no refusal.
+    assert not build(raw, out).rebuilt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline_module, "_build", no_build)  # refused before any work
+        for rebuild in (lambda: build(raw, out, force=True), lambda: build(raw, out, max_len=7)):
+            with pytest.raises(QinError) as info:
+                rebuild()
+            message = str(info.value)
+            assert message == (
+                f"{out}: holds files `qin preprocess` did not write (myrun/, sub.csv); rebuilding "
+                "replaces the whole folder and would delete them, so move them out of it first"
+            )
+    assert (out / "myrun" / "best.pt").read_text() == "weights" and (out / "sub.csv").is_file()
+    assert (out / "manifest.json").read_text() == before and leftovers(tmp_path) == []
+
+    # Inside items/ and the split folders only the arrays a build writes are its own; at most 5 named.
+    (out / "items" / "notes.txt").write_text("x")
+    (out / "train" / "old").mkdir()
+    (out / "valid" / "history.npy.bak").write_text("x")
+    (out / "test" / "preds.npy").write_text("x")
+    (out / ".notes").write_text("x")
+    with pytest.raises(QinError) as info:
+        build(raw, out, force=True)
+    message = str(info.value)
+    assert "(.notes, items/notes.txt, myrun/, sub.csv, test/preds.npy and 2 more)" in message
+    assert "\n" not in message
+
+    for path in (".notes", "sub.csv", "items/notes.txt", "valid/history.npy.bak", "test/preds.npy"):
+        (out / path).unlink()
+    for path in ("myrun/best.pt", "myrun", "train/old"):
+        (out / path).unlink() if (out / path).is_file() else (out / path).rmdir()
+    assert build(raw, out, force=True).rebuilt  # moved out: the rebuild goes ahead
+    assert leftovers(tmp_path) == []
+
+
+def test_a_built_name_of_another_kind_is_foreign(tmp_path: Path) -> None:
+    raw = write_raw(tmp_path)
+    out = tmp_path / "f"
+    build(raw, out)
+    elsewhere = tmp_path / "keep.npy"
+    np.save(elsewhere, np.arange(7))
+    (out / "valid" / "label.npy").unlink()
+    (out / "valid" / "label.npy").symlink_to(elsewhere)  # a link: the build never writes one
+    with pytest.raises(QinError, match=r"\(valid/label\.npy\); rebuilding"):
+        build(raw, out, force=True)
+    assert elsewhere.is_file()
+
+
 # ----------------------------------------------------------------------------- caching
 
 
@@ -558,6 +639,117 @@ def test_item_info_override(tmp_path: Path) -> None:
     assert build(raw, default_dir, item_info=alt).rebuilt
 
 
+@pytest.mark.parametrize("item_info", [False, True])
+def test_expected_sources_refuse_changed_inputs_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, item_info: bool
+) -> None:
+    raw = write_raw(tmp_path)
+    alt = tmp_path / "alt.parquet"
+    item_info_frame(seed=3).write_parquet(alt)
+    override = alt if item_info else None
+    out = tmp_path / "f"
+    build(raw, out, item_info=override)
+    sources = {name: entry["sha256"] for name, entry in load_features(out).manifest["sources"].items()}
+    assert not build(raw, out, item_info=override, expected_sources=sources).rebuilt
+    assert build(raw, out, item_info=override, force=True, expected_sources=sources).rebuilt
+    before = (out / "manifest.json").read_text()
+
+    _set("likes_level", 0, 9)(raw)
+    if item_info:
+        item_info_frame(seed=4).write_parquet(alt)
+    monkeypatch.setattr(pipeline_module, "_build", no_build)
+    with pytest.raises(QinError) as info:
+        build(raw, out, item_info=override, expected_sources=sources)
+    changed = "item_info.parquet, train.parquet differ" if item_info else "train.parquet differs"
+    message = str(info.value)
+    assert message.startswith(f"the raw data changed since the run started ({changed}; raw folder {raw})")
+    assert message.endswith("start a new run (the feature folder was left as it is)")
+    assert (out / "manifest.json").read_text() == before and leftovers(tmp_path) == []
+
+
+def test_expected_sources_with_other_file_names_differ(tmp_path: Path) -> None:
+    raw = write_raw(tmp_path)
+    out = tmp_path / "f"
+    build(raw, out)
+    sources = {name: entry["sha256"] for name, entry in load_features(out).manifest["sources"].items()}
+    missing = {name: digest for name, digest in sources.items() if name != "test.parquet"}
+    with pytest.raises(QinError, match=r"\(test\.parquet differs;"):
+        build(raw, out, expected_sources=missing)
+    with pytest.raises(QinError, match=r"\(extra\.parquet differs;"):
+        build(raw, out, expected_sources=sources | {"extra.parquet": "0" * 64})
+    with pytest.raises(QinError, match=r"\(valid\.parquet differs;"):
+        build(raw, out, expected_sources=sources | {"valid.parquet": ""})
+
+
+# ----------------------------------------------------------------------------- folder names
+
+
+def _old_name(raw: Path, max_len: int) -> str:
+    """The name `feature_dir_for` always gave (no item_info override)."""
+    place = hashlib.sha256(str(raw.resolve()).encode()).hexdigest()[:6]
+    return f"{raw.resolve().parent.name}-{raw.name}-L{max_len}-{place}"
+
+
+def test_a_long_parent_name_is_cut_to_fit_and_builds(tmp_path: Path) -> None:
+    parent = tmp_path / ("p" * 240)
+    raw = write_raw(parent)
+    alt = tmp_path / "alt.parquet"
+    item_info_frame(seed=7).write_parquet(alt)
+    root = tmp_path / "features"
+    for override in (None, alt):
+        out = feature_dir_for(root, raw, 5, override)
+        assert out.parent == root and len(out.name.encode()) + len(".tmp-4194304") <= 200
+        assert out.name.startswith("p" * 100) and "-raw-L5-" in out.name
+        assert out == feature_dir_for(root, raw, 5, override)  # deterministic
+        assert build(raw, out, item_info=override).rebuilt
+        assert load_features(out).split("valid").history.shape == (7, 5)
+    # the hash of the full path keeps names unique where the kept part is the same
+    twin = write_raw(tmp_path / ("p" * 239 + "q"))
+    assert feature_dir_for(root, twin, 5, None) != feature_dir_for(root, raw, 5, None)
+    assert leftovers(tmp_path) == []
+
+
+def test_a_cut_name_counts_utf8_bytes_and_keeps_whole_characters(tmp_path: Path) -> None:
+    raw = tmp_path / ("é" * 120) / ("ü" * 100)  # 240 + 200 bytes, 220 characters
+    raw.mkdir(parents=True)
+    name = feature_dir_for(tmp_path, raw, 64, None).name
+    data = name.encode()
+    assert len(data) <= 180 and data.decode() == name
+    head, _, rest = name.partition("-")
+    assert set(head) == {"é"} and rest.startswith("ü") and rest.endswith(_old_name(raw, 64)[-11:])
+    assert len(rest.partition("-L64-")[0].encode()) >= 60  # the raw folder's name keeps its share
+
+
+def test_names_that_fit_never_change(tmp_path: Path) -> None:
+    for parent in ("demo", "d" * 100, "é" * 100):
+        raw = tmp_path / parent / "MicroLens_1M_x1"
+        raw.mkdir(parents=True)
+        assert feature_dir_for(tmp_path, raw, 64, None).name == _old_name(raw, 64)
+    # the longest name that takes a 7-digit pid's ".tmp-<pid>" within 255 bytes: kept as it is
+    fixed = len(f"-raw-L5-{'0' * 6}")
+    raw = tmp_path / ("x" * (243 - fixed)) / "raw"
+    raw.mkdir(parents=True)
+    assert feature_dir_for(tmp_path, raw, 5, None).name == _old_name(raw, 5)
+    assert len(_old_name(raw, 5).encode()) == 243
+    longer = tmp_path / ("x" * (244 - fixed)) / "raw"
+    longer.mkdir(parents=True)
+    assert len(feature_dir_for(tmp_path, longer, 5, None).name.encode()) <= 180
+
+
+def test_feature_dir_of_a_data_config(tmp_path: Path) -> None:
+    raw = write_raw(tmp_path)
+    alt = tmp_path / "alt.parquet"
+    item_info_frame(seed=7).write_parquet(alt)
+    root = tmp_path / "features"
+    data = DataConfig(raw_dir=str(raw), features_root=str(root), max_len=7)
+    assert feature_dir_of(data) == feature_dir_for(root, raw, 7, None)
+    assert feature_dir_of(DataConfig(raw_dir=str(raw), features_root=str(root), max_len=7, item_info="")) == (
+        feature_dir_for(root, raw, 7, None)
+    )
+    with_alt = DataConfig(raw_dir=str(raw), features_root=str(root), max_len=7, item_info=str(alt))
+    assert feature_dir_of(with_alt) == feature_dir_for(root, raw, 7, alt) != feature_dir_of(data)
+
+
 # ----------------------------------------------------------------------------- loading
 
 
@@ -576,6 +768,84 @@ def test_load_features_errors_name_the_folder(tmp_path: Path) -> None:
     build(raw, tmp_path / "f")
     with pytest.raises(QinError, match="no split 'dev'"):
         load_features(tmp_path / "f").split("dev")
+
+
+REBUILD = "the feature folder is damaged, rebuild it with `qin preprocess --force`"
+
+
+@pytest.mark.parametrize(
+    ("file", "array", "problem"),
+    [
+        # a shorter valid array (e.g. from another build): predict failed with IndexError 500 rows on
+        (
+            "valid/history.npy",
+            np.zeros((5, 5), np.int32),
+            "5 rows, expected 7 (the manifest's rows for split 'valid')",
+        ),
+        (
+            "valid/label.npy",
+            np.zeros(9, np.float32),
+            "9 rows, expected 7 (the manifest's rows for split 'valid')",
+        ),
+        (
+            "test/ID.npy",
+            np.array(3, np.int64),
+            "a scalar (0 dimensions), expected 8 (the manifest's rows for split 'test')",
+        ),
+        ("train/history.npy", np.zeros((10, 3), np.int32), "3 columns, expected 5 (the manifest's max_len)"),
+        ("train/history.npy", np.zeros(10, np.int32), "shape (10,), expected 5 (the manifest's max_len)"),
+    ],
+)
+def test_split_arrays_must_match_the_manifest(
+    tmp_path: Path, file: str, array: np.ndarray, problem: str
+) -> None:
+    raw = write_raw(tmp_path)
+    out = tmp_path / "f"
+    build(raw, out)
+    np.save(out / file, array)
+    split = file.partition("/")[0]
+    features = load_features(out)
+    with pytest.raises(QinError) as info:
+        features.split(split)
+    assert str(info.value) == f"{out / file}: {problem}; {REBUILD}"
+    for other in {"train", "valid", "test"} - {split}:
+        features.split(other)
+    assert build(raw, out).rebuilt  # a folder that would fail so is not up to date
+    load_features(out).split(split)
+
+
+@pytest.mark.parametrize(
+    ("file", "array", "problem"),
+    [
+        (
+            "item_emb.npy",
+            np.zeros((N_ITEMS - 1, EMB_DIM), np.float32),
+            f"{N_ITEMS - 1} rows, expected {N_ITEMS} (the manifest's item_vocab)",
+        ),
+        (
+            "item_tags.npy",
+            np.zeros((N_ITEMS + 1, 5), np.int32),
+            f"{N_ITEMS + 1} rows, expected {N_ITEMS} (the manifest's item_vocab)",
+        ),
+        (
+            "item_emb.npy",
+            np.zeros((N_ITEMS, 64), np.float32),
+            f"64 columns, expected {EMB_DIM} (the manifest's mm_dim)",
+        ),
+    ],
+)
+def test_item_arrays_must_match_the_manifest(
+    tmp_path: Path, file: str, array: np.ndarray, problem: str
+) -> None:
+    raw = write_raw(tmp_path)
+    out = tmp_path / "f"
+    build(raw, out)
+    np.save(out / "items" / file, array)
+    with pytest.raises(QinError) as info:
+        load_features(out)
+    assert str(info.value) == f"{out / 'items' / file}: {problem}; {REBUILD}"
+    assert build(raw, out).rebuilt
+    load_features(out)
 
 
 def test_stale_temp_folders_of_dead_builds_are_removed(tmp_path: Path) -> None:

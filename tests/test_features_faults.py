@@ -262,3 +262,42 @@ def test_full_tmpfs_is_an_error_not_sigbus(tmp_path: Path) -> None:
         assert list(disk.iterdir()) == []
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+# ----------------------------------------------------------------------------- replacing a feature folder
+
+
+def test_an_unlistable_feature_folder_is_never_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw = write_raw(tmp_path)
+    out = tmp_path / "f"
+    build(raw, out)
+    before = (out / "manifest.json").read_text()
+    real = os.scandir
+
+    def scandir(path: object = ".") -> object:
+        if Path(str(path)) == out / "train":  # root ignores chmod, so EACCES is simulated
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(QinError) as info:
+        build(raw, out, force=True)
+    assert str(info.value) == (
+        f"{out / 'train'}: permission denied (checking the feature folder before replacing it)"
+    )
+    assert (out / "manifest.json").read_text() == before and leftovers(tmp_path) == []
+
+
+def test_a_forced_rebuild_is_refused_before_the_inputs_are_hashed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw = write_raw(tmp_path)
+    out = tmp_path / "f"
+    build(raw, out)
+    (out / "notes.txt").write_text("mine")
+    monkeypatch.setattr(pipeline_module, "source_entry", _raising(AssertionError("hashed")))
+    with pytest.raises(QinError, match=r"\(notes\.txt\); rebuilding replaces the whole folder"):
+        build(raw, out, force=True)
+    assert (out / "notes.txt").read_text() == "mine"

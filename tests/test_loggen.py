@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -164,6 +165,45 @@ def test_cli_refuses_a_folder_of_real_raw_files(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"], "no temp folder left"
 
 
+def test_cli_refuses_files_the_user_added_inside_outputs_and_keeps_them(tmp_path: Path) -> None:
+    out = tmp_path / "s1"
+    generate_logs(out, LogSize.tiny, seed=1)
+    assert _meta(out)["file_list"] == "hidden/files.txt"
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert (out / "hidden" / "files.txt").read_text().splitlines() == written
+    (out / "MicroLens_1M_x1" / "extra.parquet").write_bytes(b"PAR1 my own split")
+    (out / "hidden" / "mine").mkdir()
+    (out / "hidden" / "mine" / "keep.txt").write_text("my notes")
+    before = _snapshot(out)
+    result = CliRunner().invoke(app, ["synth", "--process", "logs", "--size", "tiny", "--seed", "1",
+                                      "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    added = "MicroLens_1M_x1/extra.parquet, hidden/mine/keep.txt"
+    assert f"{out} holds files `qin synth` did not write: {added};" in message
+    assert "move them out first" in message and "Traceback" not in result.output
+    assert _snapshot(out) == before, "every file byte-identical"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s1"], "no temp folder left"
+    # The demo generator's folder is guarded the same way, item_images/ included.
+    demo = tmp_path / "demo"
+    synthesize(demo, SynthSize.tiny, seed=0, images=True, progress=False)
+    (demo / "item_images" / "real_cover.jpg").write_bytes(b"\xff\xd8 mine")
+    before = _snapshot(demo)
+    with pytest.raises(QinError, match="did not write: item_images/real_cover.jpg;"):
+        generate_logs(demo, LogSize.tiny)
+    assert _snapshot(demo) == before
+    # Once they are moved out, a re-run works; an old marker without a file list is checked by entry.
+    (out / "MicroLens_1M_x1" / "extra.parquet").unlink()
+    shutil.rmtree(out / "hidden" / "mine")
+    generate_logs(out, LogSize.tiny, seed=2)
+    meta = _meta(out)
+    (out / "hidden" / "files.txt").unlink()
+    (out / "hidden" / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "file_list"}))
+    generate_logs(out, LogSize.tiny, seed=3)
+    assert _meta(out)["seed"] == 3 and (out / "hidden" / "files.txt").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo", "s1"]
+
+
 def test_each_generator_replaces_the_others_output(tmp_path: Path) -> None:
     out = tmp_path / "data"
     synthesize(out, SynthSize.tiny, seed=0, images=True, progress=False)
@@ -202,6 +242,21 @@ def test_os_errors_are_one_line_errors_and_leave_no_temp_folder(tmp_path: Path,
     assert list(tmp_path.iterdir()) == []
     result = CliRunner().invoke(app, ["synth", "--process", "logs", "--size", "tiny", "--out", str(out)])
     assert result.exit_code == 2 and "no space left" in result.output and "Traceback" not in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_os_error_without_a_file_name_names_the_output_folder(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_space_unnamed(*args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("qin.loggen.generate.write_split", no_space_unnamed)
+    out = tmp_path / "data"
+    with pytest.raises(QinError, match=f"^{out}: no space left on the device"):
+        generate_logs(out, LogSize.tiny)
+    result = CliRunner().invoke(app, ["synth", "--process", "logs", "--size", "tiny", "--out", str(out)])
+    message = " ".join(result.output.split())
+    assert result.exit_code == 2 and f"{out}: no space left" in message and "path unknown" not in message
     assert list(tmp_path.iterdir()) == []
 
 

@@ -339,6 +339,93 @@ def test_a_folder_without_marker_is_refused_even_without_output_names(tmp_path: 
     synthesize(tmp_path / "empty", SynthSize.tiny, images=False, progress=False)  # an empty folder is fine
 
 
+def _written_by_qin(folder: Path) -> list[str]:
+    """Every file under folder (relative, sorted), as hidden/files.txt lists them; notes.txt excluded."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                  if p.is_file() and p.name != "notes.txt")
+
+
+def test_cli_refuses_files_the_user_added_inside_outputs_and_keeps_them(tmp_path: Path) -> None:
+    """Regression: a re-run replaced MicroLens_1M_x1/ and hidden/ whole, deleting the user's files in them."""
+    out = tmp_path / "s1"
+    first = synthesize(out, SynthSize.tiny, seed=1, images=True, progress=False)
+    assert first.meta["file_list"] == "hidden/files.txt"
+    listed = (out / "hidden" / "files.txt").read_text().splitlines()
+    assert listed == _written_by_qin(out) and "hidden/files.txt" in listed and "item_images/1.jpg" in listed
+    (out / "MicroLens_1M_x1" / "extra.parquet").write_bytes(b"PAR1 my own split")
+    (out / "hidden" / "mine").mkdir()
+    (out / "hidden" / "mine" / "keep.txt").write_text("my notes")
+    (out / "notes.txt").write_text("mine")
+    before = _snapshot(out)
+    result = CliRunner().invoke(app, ["synth", "--size", "tiny", "--seed", "1", "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    added = "MicroLens_1M_x1/extra.parquet, hidden/mine/keep.txt"
+    assert f"{out} holds files `qin synth` did not write: {added};" in message
+    assert "move them out first" in message and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert _snapshot(out) == before, "every file byte-identical"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s1"], "no temp folder left"
+    # Symlinks and empty folders count too (never followed); deleted files of qin's are fine.
+    (out / "MicroLens_1M_x1" / "extra.parquet").unlink()
+    shutil.rmtree(out / "hidden" / "mine")
+    (out / "item_images" / "covers").mkdir()
+    (out / "MicroLens_1M_x1" / "real").symlink_to(tmp_path)
+    (out / "MicroLens_1M_x1" / "valid.parquet").unlink()
+    with pytest.raises(QinError, match=r"did not write: MicroLens_1M_x1/real, item_images/covers/;"):
+        synthesize(out, SynthSize.tiny, seed=1, images=False, progress=False)
+    (out / "MicroLens_1M_x1" / "real").unlink()
+    (out / "item_images" / "covers").rmdir()
+    for image in (out / "item_images").iterdir():  # an output folder emptied by the user is fine too
+        image.unlink()
+    again = synthesize(out, SynthSize.tiny, seed=1, images=False, progress=False)  # a normal re-run works
+    assert "item_images" not in again.meta["outputs"] and not (out / "item_images").exists()
+    assert (out / "hidden" / "files.txt").read_text().splitlines() == _written_by_qin(out)
+    synthesize(out, SynthSize.tiny, seed=1, images=True, progress=False)  # and with images
+    assert (out / "hidden" / "files.txt").read_text().splitlines() == _written_by_qin(out)
+    assert (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s1"]
+
+
+def test_files_added_during_the_run_are_found_before_the_install(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "data"
+    synthesize(out, SynthSize.tiny, seed=0, images=False, progress=False)
+    from qin.synth import generate
+
+    real = generate._write_item_seq
+
+    def and_the_user_adds_a_file(*args: object, **kwargs: object) -> object:
+        (out / "MicroLens_1M_x1" / "late.parquet").write_bytes(b"added while qin ran")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("qin.synth.generate._write_item_seq", and_the_user_adds_a_file)
+    with pytest.raises(QinError, match="did not write: MicroLens_1M_x1/late.parquet;"):
+        synthesize(out, SynthSize.tiny, seed=1, images=False, progress=False)
+    assert (out / "MicroLens_1M_x1" / "late.parquet").read_bytes() == b"added while qin ran"
+    assert json.loads((out / "hidden" / "meta.json").read_text())["seed"] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_a_marker_without_file_list_is_checked_by_entry_as_before(tmp_path: Path) -> None:
+    """Folders written before hidden/files.txt existed (data/demo) are still accepted."""
+    out = tmp_path / "data"
+    synthesize(out, SynthSize.tiny, seed=0, images=False, progress=False)
+    meta_path = out / "hidden" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    (out / "hidden" / "files.txt").unlink()
+    meta_path.write_text(json.dumps({k: v for k, v in meta.items() if k != "file_list"}))
+    (out / "MicroLens_1M_x1" / "extra.parquet").write_bytes(b"not provable either way")
+    res = synthesize(out, SynthSize.tiny, seed=1, images=False, progress=False)
+    assert res.meta["seed"] == 1 and (out / "hidden" / "files.txt").is_file()
+    # A marker that declares its list but lost it proves nothing about the files beside it.
+    (out / "hidden" / "files.txt").unlink()
+    before = _snapshot(out)
+    with pytest.raises(QinError, match=r"hidden/files.txt cannot be read \(no such file or directory\)"):
+        synthesize(out, SynthSize.tiny, seed=2, images=False, progress=False)
+    assert _snapshot(out) == before
+
+
 def test_stale_temp_folders_of_killed_runs_are_removed(tmp_path: Path) -> None:
     """A `kill -9` leaves .<out>.tmp-<pid>-<random>/; the next run removes it unless its process lives."""
     dead_pid = 2**22 + 12345  # above Linux's largest pid_max: never a live process
@@ -383,6 +470,22 @@ def test_os_errors_are_one_line_errors_and_leave_no_temp_folder(tmp_path: Path,
     monkeypatch.setattr("qin.layout.tempfile.mkdtemp", read_only)
     with pytest.raises(QinError, match=f"{tmp_path}: permission denied"):
         synthesize(out, SynthSize.tiny, images=False, progress=False)
+
+
+def test_an_os_error_without_a_file_name_names_the_output_folder(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """pyarrow's and PIL's write errors often carry no file name: the message named '(path unknown)'."""
+    def no_space_unnamed(*args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("qin.synth.generate._write_item_seq", no_space_unnamed)
+    out = tmp_path / "data"
+    with pytest.raises(QinError, match=f"^{out}: no space left on the device"):
+        synthesize(out, SynthSize.tiny, images=False, progress=False)
+    result = CliRunner().invoke(app, ["synth", "--size", "tiny", "--no-images", "--out", str(out)])
+    message = " ".join(result.output.split())
+    assert result.exit_code == 2 and f"{out}: no space left" in message and "path unknown" not in message
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_interrupt_is_not_converted_and_leaves_no_temp_folder(tmp_path: Path,

@@ -11,7 +11,7 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
-from qin.errors import QinError
+from qin.errors import QinError, os_error
 from qin.features.io import ITEM_EMB, ITEM_ID, ITEM_TAGS
 from qin.runs import file_mode
 
@@ -137,6 +137,8 @@ def _write_item_table(info: pl.DataFrame, item_vectors: np.ndarray, out: Path) -
         pq.write_table(table, tmp, compression="zstd")
         os.chmod(tmp, file_mode())
         os.replace(tmp, out)
+    except OSError as error:  # pyarrow's write errors often name no file: name the table
+        raise os_error(error, doing="writing the item table", path=out) from error
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -267,46 +267,85 @@ class FeatureSet:
         """Memory-map the arrays of split ``name`` ("train", "valid" or "test").
 
         Raises:
-            QinError: the split is not in this folder or one of its files is missing.
+            QinError: the split is not in this folder, one of its files is missing or unreadable, or
+                an array's rows differ from the manifest's ``rows`` for the split (or history's width
+                from ``max_len``): a file replaced by hand would otherwise fail later, mid-batch, as
+                an IndexError naming no file.
         """
         splits = self.manifest.get("splits", {})
         if name not in splits:
             raise QinError(f"{self.dir}: no split {name!r} (have: {', '.join(splits)})")
         folder = self.dir / name
-        has_label = bool(splits[name].get("has_label"))
+        info = splits[name]
+        rows = info.get("rows")
+        which = f"the manifest's rows for split {name!r}"
+
+        def load(file: str, width: int | None = None) -> np.ndarray:
+            return _load(folder / f"{file}.npy", rows, which, width, "the manifest's max_len")
+
         return SplitArrays(
-            item_id=_load(folder / "item_id.npy"),
-            history=_load(folder / "history.npy"),
-            likes_level=_load(folder / "likes_level.npy"),
-            views_level=_load(folder / "views_level.npy"),
-            user_id=_load(folder / "user_id.npy"),
-            label=_load(folder / "label.npy") if has_label else None,
-            ids=_load(folder / "ID.npy") if name == "test" else None,
+            item_id=load("item_id"),
+            history=load("history", self.manifest.get("max_len")),
+            likes_level=load("likes_level"),
+            views_level=load("views_level"),
+            user_id=load("user_id"),
+            label=load("label") if info.get("has_label") else None,
+            ids=load("ID") if name == "test" else None,
         )
 
 
-def _load(path: Path) -> np.ndarray:
-    """Memory-map one ``.npy`` file read-only, with an error naming it if it is missing."""
+_REBUILD = "the feature folder is damaged, rebuild it with `qin preprocess --force`"
+
+
+def _load(
+    path: Path,
+    rows: int | None = None,
+    rows_from: str = "",
+    width: int | None = None,
+    width_from: str = "",
+) -> np.ndarray:
+    """Memory-map one ``.npy`` file read-only, with an error naming it if it is missing or damaged.
+
+    Args:
+        path: the array file.
+        rows: the first dimension it must have (None, or not an int in a hand-edited manifest: not
+            checked).
+        rows_from: where ``rows`` comes from, for the message.
+        width: the second dimension it must have (None: not checked).
+        width_from: where ``width`` comes from, for the message.
+    """
     if not path.is_file():
         raise QinError(f"{path}: missing from the feature folder (rebuild with `qin preprocess --force`)")
     try:
-        return np.load(path, mmap_mode="r")
+        array = np.load(path, mmap_mode="r")
     except (ValueError, OSError, EOFError) as error:  # a truncated or overwritten array file
-        raise QinError(f"{path}: not a readable .npy array ({error}); the feature folder is damaged, "
-                       "rebuild it with `qin preprocess --force`") from error
+        raise QinError(f"{path}: not a readable .npy array ({error}); {_REBUILD}") from error
+    if isinstance(rows, int) and (array.ndim == 0 or array.shape[0] != rows):
+        have = f"{array.shape[0]:,} rows" if array.ndim else "a scalar (0 dimensions)"
+        raise QinError(f"{path}: {have}, expected {rows:,} ({rows_from}); {_REBUILD}")
+    if isinstance(width, int) and (array.ndim != 2 or array.shape[1] != width):
+        have = f"{array.shape[1]:,} columns" if array.ndim == 2 else f"shape {array.shape}"
+        raise QinError(f"{path}: {have}, expected {width:,} ({width_from}); {_REBUILD}")
+    return array
 
 
 def load_features(feature_dir: Path) -> FeatureSet:
     """Open a feature folder written by `build_features` (arrays are memory-mapped, not read).
 
     Raises:
-        QinError: naming the folder if it or its manifest is missing or has a wrong format_version.
+        QinError: naming the folder if it or its manifest is missing or has a wrong format_version;
+            naming the file if an item table is missing, unreadable, or its rows differ from the
+            manifest's ``item_vocab`` (or its width from ``tags_per_item`` / ``mm_dim``).
     """
     feature_dir = Path(feature_dir)
     manifest = read_manifest(feature_dir)
+    items = feature_dir / "items"
+    vocab = manifest.get("item_vocab")
     return FeatureSet(
         dir=feature_dir,
         manifest=manifest,
-        item_tags=_load(feature_dir / "items" / "item_tags.npy"),
-        item_emb=_load(feature_dir / "items" / "item_emb.npy"),
+        item_tags=_load(items / "item_tags.npy", vocab, "the manifest's item_vocab",
+                        manifest.get("tags_per_item"), "the manifest's tags_per_item"),
+        item_emb=_load(items / "item_emb.npy", vocab, "the manifest's item_vocab",
+                       manifest.get("mm_dim"), "the manifest's mm_dim"),
     )

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
@@ -61,9 +61,29 @@ from qin.features.io import (
     write_manifest,
 )
 
+if TYPE_CHECKING:
+    from qin.config import DataConfig
+
 CHUNK_ROWS = 500_000
 # Small splits first: a bad valid/test file should fail before minutes are spent on train.
 BUILD_ORDER: tuple[str, ...] = ("valid", "test", "train")
+
+# What a build writes, and so all that a rebuild may delete: manifest.json, items/ with these files,
+# and a folder per split with (some of) these arrays.
+_ITEM_FILES = frozenset({"item_tags.npy", "item_emb.npy"})
+_SPLIT_FILES = frozenset(
+    f"{name}.npy" for name in (ITEM_ID, "history", LIKES_LEVEL, VIEWS_LEVEL, USER_ID, LABEL, ID)
+)
+_BUILT_FOLDERS: dict[str, frozenset[str]] = {"items": _ITEM_FILES} | {split: _SPLIT_FILES for split in SPLITS}
+_FOREIGN_SHOWN = 5  # foreign paths named in the refusal
+
+# File names hold at most 255 bytes (ext4, xfs, btrfs, tmpfs, APFS), and the build adds ``.tmp-<pid>`` /
+# ``.old-<pid>`` (12 bytes with a 7-digit pid, Linux's largest). A name that fits with that suffix is
+# kept as it always was (existing feature folders keep their names); a longer one has its readable
+# part cut so that it is at most _SHORT_NAME_BYTES, leaving room for the suffix.
+_NAME_MAX_BYTES = 255
+_SUFFIX_BYTES = len(".tmp-4194304")
+_SHORT_NAME_BYTES = 180
 
 
 @dataclass(frozen=True)
@@ -81,19 +101,54 @@ def feature_dir_for(features_root: Path, raw_dir: Path, max_len: int, item_info:
 
     An item_info override adds ``-ii<8 hex>``, a hash of its resolved path and content, so two
     embedding tables built side by side never share (and keep rebuilding) one folder.
+
+    A name too long for the file system (with the ``.tmp-<pid>`` suffix the build adds) has its
+    readable ``<parent>-<raw name>`` part cut to fit in 180 bytes of UTF-8; the hashes, of the full
+    path, keep it unique. Names that fit are never changed.
     """
     # The parent folder is part of the name (data/demo vs data/), hashed with the resolved path, so
     # two data sets with the challenge's folder name never share (and keep rebuilding) one folder.
     raw_dir = Path(raw_dir)
     place = hashlib.sha256(str(raw_dir.resolve()).encode()).hexdigest()[:6]
-    name = f"{raw_dir.resolve().parent.name}-{raw_dir.name}-L{max_len}-{place}"
+    tail = f"-L{max_len}-{place}"
     if item_info is not None:
         item_info = Path(item_info)
         if not item_info.is_file():
             raise QinError(f"{item_info}: file not found")
         digest = hashlib.sha256(f"{item_info.resolve()}\n{sha256_file(item_info)}".encode()).hexdigest()
-        name += f"-ii{digest[:8]}"
-    return Path(features_root) / name
+        tail += f"-ii{digest[:8]}"
+    return Path(features_root) / _fitting_name(raw_dir.resolve().parent.name, raw_dir.name, tail)
+
+
+def feature_dir_of(data: DataConfig) -> Path:
+    """The feature folder of a data config (`feature_dir_for` of its fields; an empty item_info is none).
+
+    Callers that need the folder of a config use this rather than rebuilding the call themselves.
+    """
+    item_info = Path(data.item_info) if data.item_info else None
+    return feature_dir_for(Path(data.features_root), Path(data.raw_dir), data.max_len, item_info)
+
+
+def _fitting_name(parent: str, raw: str, tail: str) -> str:
+    """``<parent>-<raw><tail>``, with parent and raw cut (the longer one first) when it is too long."""
+    name = f"{parent}-{raw}{tail}"
+    if _bytes(name) + _SUFFIX_BYTES <= _NAME_MAX_BYTES:
+        return name
+    budget = max(0, _SHORT_NAME_BYTES - _bytes(tail) - 1)  # bytes for parent and raw together
+    raw_bytes = min(_bytes(raw), max(budget // 2, budget - _bytes(parent)))
+    return f"{_cut(parent, budget - raw_bytes)}-{_cut(raw, raw_bytes)}{tail}"
+
+
+def _bytes(text: str) -> int:
+    """Length of a file name on disk (UTF-8; undecodable bytes kept as they were)."""
+    return len(os.fsencode(text))
+
+
+def _cut(text: str, limit: int) -> str:
+    """The longest prefix of ``text`` that is at most ``limit`` bytes, never splitting a character."""
+    while _bytes(text) > limit:
+        text = text[:-1]
+    return text
 
 
 def build_features(
@@ -104,6 +159,8 @@ def build_features(
     force: bool = False,
     progress: bool = True,
     chunk_rows: int = CHUNK_ROWS,
+    *,
+    expected_sources: dict[str, str] | None = None,
 ) -> BuildResult:
     """Validate the raw files and write the feature folder ``out_dir`` (see `qin.features.io`).
 
@@ -116,15 +173,20 @@ def build_features(
         force: rebuild even when the manifest says the folder is up to date.
         progress: show rich progress bars and status lines (on stderr).
         chunk_rows: rows per chunk; bounds peak memory (tests use tiny chunks to cross boundaries).
+        expected_sources: {input file name (``train.parquet``, ``item_info.parquet``, ...): sha256}
+            the inputs must still have (`qin train --resume` passes those its run started from).
+            Checked right after hashing, before anything is built or replaced.
 
     Returns:
         BuildResult; ``rebuilt`` is False when inputs and config matched the existing manifest.
 
     Raises:
-        QinError: a missing or malformed input, naming file, column and first bad row; or an OS
-            failure writing the folder (a full disk, a read-only or non-folder ``out_dir`` parent),
-            in one line. Nothing is left behind: the build writes to ``<out_dir>.tmp-<pid>`` and
-            deletes it on error.
+        QinError: a missing or malformed input, naming file, column and first bad row; inputs that
+            differ from ``expected_sources``; an existing ``out_dir`` that holds anything a build
+            does not write (a run folder, a submission someone saved there: a rebuild would delete
+            it), naming up to 5 such paths; or an OS failure writing the folder (a full disk, a
+            read-only or non-folder ``out_dir`` parent), in one line. Nothing is left behind: the
+            build writes to ``<out_dir>.tmp-<pid>`` and deletes it on error.
     """
     start = time.perf_counter()
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
@@ -144,11 +206,15 @@ def build_features(
         "item_info": str(inputs[ITEM_INFO].resolve()),
         "max_len": max_len,
     }
+    if force:
+        _check_replaceable(out_dir)  # a certain rebuild: refuse before minutes of hashing
     with console.status("hashing inputs"):
         try:
             sources = {name: source_entry(path) for name, path in inputs.items()}
         except OSError as error:  # e.g. an unreadable input (EACCES)
             raise os_error(error, doing="hashing the inputs") from error
+    if expected_sources is not None:
+        _check_expected_sources(raw_dir, expected_sources, sources)
 
     # Also on a no-op: the temp folder of a build killed outright (SIGKILL) is otherwise left forever
     # once the folder it was rebuilding is complete.
@@ -156,10 +222,11 @@ def build_features(
     if not force and _up_to_date(out_dir, config, sources):
         console.print(f"[green]features up to date[/]: {out_dir} (inputs and config unchanged)")
         return BuildResult(out_dir, rebuilt=False, seconds=time.perf_counter() - start)
+    if not force:
+        _check_replaceable(out_dir)  # before any work: a refused rebuild costs nothing
 
     tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
     try:
-        _check_replaceable(out_dir)
         tmp.mkdir(parents=True)  # a features_root that is a file: NotADirectoryError / FileExistsError
         manifest = _build(inputs, tmp, max_len, chunk_rows, console, config, sources)
         write_manifest(tmp, manifest)  # last: a folder with a manifest is a complete folder
@@ -178,6 +245,23 @@ def build_features(
     seconds = time.perf_counter() - start
     console.print(f"[green]features written[/]: {out_dir} ({seconds:.1f} s)")
     return BuildResult(out_dir, rebuilt=True, seconds=seconds)
+
+
+def _check_expected_sources(
+    raw_dir: Path, expected: dict[str, str], sources: dict[str, dict[str, Any]]
+) -> None:
+    """Refuse inputs whose sha256 differs from ``expected`` (or that are added or missing)."""
+    differing = sorted(
+        name for name in expected.keys() | sources.keys()
+        if name not in sources or expected.get(name) != sources[name]["sha256"]
+    )
+    if differing:
+        verb = "differs" if len(differing) == 1 else "differ"
+        raise QinError(
+            f"the raw data changed since the run started ({', '.join(differing)} {verb}; raw folder "
+            f"{raw_dir}); its checkpoints were trained on the earlier data, so it cannot be resumed on "
+            "this: start a new run (the feature folder was left as it is)"
+        )
 
 
 def _build(
@@ -409,23 +493,29 @@ def _up_to_date(out_dir: Path, config: dict[str, Any], sources: dict[str, dict[s
             return False
     # A folder someone pruned or damaged by hand is not up to date either: every array must open
     # (its header read through a memory map, no data) with the rows the manifest records.
-    expected = {out_dir / "items" / "item_tags.npy": manifest.get("item_vocab"),
-                out_dir / "items" / "item_emb.npy": manifest.get("item_vocab")}
+    # History and the item tables must also be as wide as the manifest says (what `load_features`
+    # and `FeatureSet.split` check).
+    vocab = manifest.get("item_vocab")
+    expected = {
+        out_dir / "items" / "item_tags.npy": (vocab, manifest.get("tags_per_item")),
+        out_dir / "items" / "item_emb.npy": (vocab, manifest.get("mm_dim")),
+    }
     for split, info in manifest.get("splits", {}).items():
-        names = ["item_id", "history", "likes_level", "views_level", "user_id"]
+        names = ["item_id", "likes_level", "views_level", "user_id"]
         names += ["label"] if info.get("has_label") else []
         names += ["ID"] if split == "test" else []
-        expected |= {out_dir / split / f"{name}.npy": info.get("rows") for name in names}
+        expected |= {out_dir / split / f"{name}.npy": (info.get("rows"),) for name in names}
+        expected[out_dir / split / "history.npy"] = (info.get("rows"), manifest.get("max_len"))
     return set(manifest.get("splits", {})) == set(SPLITS) and all(
-        _array_rows(path) == rows for path, rows in expected.items())
+        _array_shape(path)[: len(dims)] == dims for path, dims in expected.items())
 
 
-def _array_rows(path: Path) -> int | None:
-    """Rows of a .npy file whose whole payload is on disk; None when it is missing or damaged."""
+def _array_shape(path: Path) -> tuple[int, ...]:
+    """Shape of a .npy file whose whole payload is on disk; () when it is missing or damaged."""
     try:
-        return int(np.load(path, mmap_mode="r").shape[0])
-    except (OSError, ValueError, EOFError, IndexError):
-        return None
+        return tuple(int(n) for n in np.load(path, mmap_mode="r").shape)
+    except (OSError, ValueError, EOFError):
+        return ()
 
 
 def _remove_stale(out_dir: Path) -> None:
@@ -459,11 +549,63 @@ def _alive(pid: int) -> bool:
 
 
 def _check_replaceable(out_dir: Path) -> None:
-    """Refuse to replace a folder that is not a feature folder (a mistyped ``--out data/``)."""
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file()):
-        raise QinError(f"{out_dir}: exists and is not a feature folder (no {MANIFEST}); not replacing it")
+    """Refuse to replace a folder that is not a feature folder, or holds anything a build did not write.
+
+    A rebuild replaces the folder whole, so a mistyped ``--out data/``, a run folder made with
+    ``qin train --run-dir <feature folder>/myrun``, a submission or notes saved there would be
+    deleted without a word. The refusal names up to 5 such paths (relative to the folder).
+    """
+    try:
+        if not out_dir.exists():
+            return
+        if not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file()):
+            raise QinError(f"{out_dir}: exists and is not a feature folder (no {MANIFEST}); not replacing it")
+        foreign = _foreign_entries(out_dir)
+    except OSError as error:  # an unlistable folder: never replace what could not be checked
+        raise os_error(error, doing="checking the feature folder before replacing it") from error
+    if foreign:
+        shown = ", ".join(foreign[:_FOREIGN_SHOWN])
+        if len(foreign) > _FOREIGN_SHOWN:
+            shown += f" and {len(foreign) - _FOREIGN_SHOWN} more"
+        raise QinError(
+            f"{out_dir}: holds files `qin preprocess` did not write ({shown}); rebuilding replaces the "
+            "whole folder and would delete them, so move them out of it first"
+        )
+
+
+def _foreign_entries(out_dir: Path) -> list[str]:
+    """Paths under ``out_dir`` (relative, folders with a trailing ``/``) that a build does not write.
+
+    A foreign folder is named once, not descended into. A known name of the wrong kind (a ``train``
+    file, a symlink where an array should be) is foreign too: the build never writes one.
+    """
+    foreign = []
+    for entry in _entries(out_dir):
+        if entry.name == MANIFEST and entry.is_file(follow_symlinks=False):
+            continue
+        files = _BUILT_FOLDERS.get(entry.name)
+        if files is None or not entry.is_dir(follow_symlinks=False):
+            foreign.append(_shown(entry, out_dir))
+            continue
+        foreign += [
+            _shown(inner, out_dir)
+            for inner in _entries(Path(entry.path))
+            if inner.name not in files or not inner.is_file(follow_symlinks=False)
+        ]
+    return foreign
+
+
+def _entries(folder: Path) -> list[os.DirEntry[str]]:
+    """A folder's entries, by name (OSError when it cannot be listed)."""
+    with os.scandir(folder) as entries:
+        return sorted(entries, key=lambda entry: entry.name)
+
+
+def _shown(entry: os.DirEntry[str], root: Path) -> str:
+    """An entry's path relative to ``root`` for a one-line message (a folder ends in ``/``)."""
+    text = Path(entry.path).relative_to(root).as_posix()
+    text += "/" if entry.is_dir(follow_symlinks=False) else ""
+    return text if text.isprintable() else repr(text)
 
 
 def _publish(tmp: Path, out_dir: Path) -> None:

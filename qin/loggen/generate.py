@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from qin.errors import QinError, os_error
-from qin.layout import make_temp_dir
+from qin.layout import FILE_LIST_PATH, make_temp_dir
 from qin.loggen.items import ItemTruth, genre_centres, item_embedding, make_items
 from qin.loggen.params import DEFAULT_LOG_PARAMS, LOG_SIZES, LogParams, LogSize, LogSizeSpec, stream
 from qin.loggen.rows import SOURCES, Rows, calibrate_intercept, click_probability, make_rows, split_users
@@ -38,16 +38,17 @@ def generate_logs(out_dir: Path, size: LogSize, seed: int = 0, params: LogParams
 
     Args:
         out_dir: receives MicroLens_1M_x1/ and hidden/; must be new, empty, or written by an earlier
-            `qin synth` (either generator; hidden/meta.json proves it), whose outputs are then replaced;
-            other files in the folder are left alone.
+            `qin synth` (either generator; hidden/meta.json proves it, hidden/files.txt lists every file
+            under its outputs), whose outputs are then replaced; other entries of the folder are left alone.
         size: tiny / small / bench (see LOG_SIZES).
         seed: any int ≥ 0; the same (seed, size, params) gives the same parquet content.
         params: generator knobs (see `log_params_with`).
         progress: print each stage with its elapsed time on stderr.
 
     Raises:
-        QinError: an unknown size, a negative seed, an out_dir that is a file or holds entries an earlier
-            `qin synth` did not write, or a failed write (a full disk, a read-only folder).
+        QinError: an unknown size, a negative seed, an out_dir that is a file or holds entries (or files
+            inside them) an earlier `qin synth` did not write, or a failed write (a full disk, a read-only
+            folder).
     """
     try:
         size = LogSize(size)
@@ -64,7 +65,8 @@ def generate_logs(out_dir: Path, size: LogSize, seed: int = 0, params: LogParams
         meta = _build(tmp, LOG_SIZES[size], size, int(seed), params, progress)
         install(tmp, out_dir)
     except OSError as error:  # a full disk, a read-only folder: the user's to fix, in one line
-        raise os_error(error, doing=f"writing the synthetic data set {out_dir}") from error
+        # pyarrow's errors often name no file: then the output folder is named
+        raise os_error(error, doing=f"writing the synthetic data set {out_dir}", path=out_dir) from error
     finally:
         if tmp is not None:  # also on KeyboardInterrupt: no half-written folder is left behind
             shutil.rmtree(tmp, ignore_errors=True)
@@ -155,6 +157,7 @@ def _build(tmp: Path, spec: LogSizeSpec, size: LogSize, seed: int, prm: LogParam
         "max_tag_id": int(items.tags.max()),
         "images_written": False,
         "outputs": list(OUTPUTS),  # the marker: what a later run may replace (qin.layout)
+        "file_list": FILE_LIST_PATH,  # every file written under them (written by the install)
         "test_label": "absent",
         "label_mean": float(y[np.concatenate([tr, va])].mean()),
         "label_rate": {name: float(y[i].mean()) for name, i in zip(split_names, idx, strict=True)},

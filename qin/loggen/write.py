@@ -71,11 +71,15 @@ def check_out_dir(out_dir: Path) -> None:
     """Refuse, before any work, a path that is a file, lies under a file, or holds entries qin did not write.
 
     An existing folder is accepted when it is empty, or when hidden/meta.json proves that an earlier
-    `qin synth` run (either generator) wrote every output name it holds; see `qin.layout.check_out_dir`.
+    `qin synth` run (either generator) wrote every output name it holds and its hidden/files.txt lists
+    every file under them; see `qin.layout.check_out_dir`.
     """
     layout.check_out_dir(out_dir, TOOL)
 
 
 def install(tmp: Path, out_dir: Path) -> None:
-    """Move the finished outputs from tmp into out_dir (each move a rename), replacing an earlier run's."""
+    """Move the finished outputs from tmp into out_dir (each move a rename), replacing an earlier run's.
+
+    Writes tmp/hidden/files.txt first and checks out_dir again (`qin.layout.install_outputs`).
+    """
     layout.install_outputs(tmp, out_dir, TOOL)

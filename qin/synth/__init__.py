@@ -5,10 +5,11 @@ any model can reach on it. `synthesize` writes::
 
     out_dir/MicroLens_1M_x1/{train,valid,test}.parquet, item_info.parquet
     out_dir/item_feature.parquet, item_emb.parquet, item_seq.parquet, item_images/<item_id>.jpg
-    out_dir/hidden/{valid_truth,test_truth,item_latent}.parquet, meta.json   (never read by the solution)
+    out_dir/hidden/{valid_truth,test_truth,item_latent}.parquet, meta.json, files.txt  (never read by a model)
 
-into a new or empty out_dir, or over an earlier run's: hidden/meta.json lists what that run wrote ("outputs"),
-and nothing else is ever replaced (qin.layout.check_out_dir), so real data are never lost to demo data.
+into a new or empty out_dir, or over an earlier run's: hidden/meta.json lists the entries that run wrote
+("outputs") and hidden/files.txt every file under them; nothing else is ever replaced (a user's file added
+inside an entry makes the run refuse: qin.layout.check_out_dir), so real data are never lost to demo data.
 
 Notation: N items (ids 1..N, 0 = padding), T tags (ids 1..T), K topics, U users, n rows, S stored history
 length, d = d_lat latent dimension, Σ = total history slots over a set of rows (ragged).

@@ -12,7 +12,7 @@ import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from qin.errors import QinError, os_error
-from qin.layout import check_out_dir, install_outputs, make_temp_dir, present_outputs
+from qin.layout import FILE_LIST_PATH, check_out_dir, install_outputs, make_temp_dir, present_outputs
 from qin.synth.content import _content_vectors, _emb_variants, _pca, _titles, _write_images
 from qin.synth.items import _make_items
 from qin.synth.metrics import _auc, expected_auc
@@ -69,8 +69,9 @@ def synthesize(out_dir: Path, size: SynthSize, seed: int = 0, test_label: bool =
 
     Args:
         out_dir: folder that receives MicroLens_1M_x1/, item_*.parquet, item_images/ and hidden/. It must be
-            new, empty, or written by an earlier `qin synth` (either generator; hidden/meta.json proves it):
-            then that run's entries are replaced as a whole; other files in the folder are left alone.
+            new, empty, or written by an earlier `qin synth` (either generator; hidden/meta.json proves it,
+            and hidden/files.txt lists every file under its entries): then that run's entries are replaced
+            as a whole; other entries of the folder are left alone.
         size: tiny / small / bench / full (see SIZES).
         seed: any int ≥ 0; the same (seed, size) gives the same parquet content.
         test_label: also write a constant 0.0 `label` column into test.parquet.
@@ -82,8 +83,9 @@ def synthesize(out_dir: Path, size: SynthSize, seed: int = 0, test_label: bool =
         SynthResult(data_dir=out_dir, hidden_dir=out_dir/"hidden", meta=<the dict written to meta.json>).
 
     Raises:
-        QinError: out_dir is a file, lies under a file, or holds entries an earlier `qin synth` did not
-            write (real data); seed < 0; or the system failed to write (a full disk, a read-only folder).
+        QinError: out_dir is a file, lies under a file, or holds entries (or files inside its entries) an
+            earlier `qin synth` did not write (real data); seed < 0; or the system failed to write (a full
+            disk, a read-only folder).
     """
     try:
         size = SynthSize(size)
@@ -109,7 +111,8 @@ def _synthesize(out_dir: Path, size: SynthSize, seed: int, test_label: bool, ima
             meta = _build(tmp, spec, size, seed, test_label, images, prm, bar)
         _install(tmp, out_dir)
     except OSError as error:  # a full disk, a read-only folder: the user's to fix, in one line
-        raise os_error(error, doing=f"writing the synthetic data set {out_dir}") from error
+        # pyarrow's and PIL's errors often name no file: then the output folder is named
+        raise os_error(error, doing=f"writing the synthetic data set {out_dir}", path=out_dir) from error
     finally:
         if tmp is not None:  # also on KeyboardInterrupt: no half-written folder is left behind
             shutil.rmtree(tmp, ignore_errors=True)
@@ -202,6 +205,7 @@ def _build(tmp: Path, spec: SizeSpec, size: SynthSize, seed: int, test_label: bo
         "n_missing_images": int((~has_image[1:]).sum()),
         "images_written": bool(images),
         "outputs": present_outputs(tmp),  # the marker: what a later run may replace (qin.layout)
+        "file_list": FILE_LIST_PATH,  # every file written under them (written by the install)
         "test_label": "const0" if test_label else "absent",
         "label_rate": {"train": float(y[tr].mean()), "valid": float(y[va].mean()),
                        "test": float(y[te].mean())},
