@@ -41,6 +41,10 @@ def _user_errors(command: Callable) -> Callable:
             _say_error(str(error))
         except OSError as error:
             _say_error(str(os_error(error)))
+        except KeyboardInterrupt:
+            # Every writer cleans up its temporary files on the way out; nothing else to say.
+            console.print("interrupted (Ctrl-C): outputs are as they were, or complete", highlight=False)
+            raise typer.Exit(code=130) from None
 
     return wrapper
 
@@ -228,10 +232,14 @@ def train(
         if resume is None and dist.is_main:
             created = prepare_run_dir(run_dir, overwrite) or created  # before any work
         result = _train_locked(cfg, run_dir, resume is not None, progress, dist)
-    except (QinError, OSError, KeyboardInterrupt):
+    except (QinError, OSError, KeyboardInterrupt) as error:
         lock.release(failed=True)
         if created and dist.is_main:
             remove_unstarted_run(run_dir)  # a run that failed before its first checkpoint leaves nothing
+        # After Ctrl-C or a full disk the run can go on as it was; a QinError needs a change first.
+        if dist.is_main and not isinstance(error, QinError) and (run_dir / "last.pt").is_file():
+            console.print(f"its last saved state is kept: continue with `qin train --resume {run_dir}`",
+                          highlight=False, soft_wrap=True)
         raise
     lock.release()
     if dist.is_main:
