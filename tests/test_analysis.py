@@ -309,6 +309,11 @@ def test_report_executes_the_notebook_headless(tiny_run):
     assert len(figures) > 0
     assert figures == ["attention.png", "calibration.png", "learning_curves.png", "scores.png", "slices.png"]
     assert all((tiny_run / "figures" / name).read_bytes().startswith(b"\x89PNG") for name in figures)
+    assert executed.metadata["qin"] == {"written_by": "qin report"}  # what lets the next report replace it
+    # Again, given the checkpoint: the earlier executed copy, HTML and figures are the report's own.
+    again = CliRunner().invoke(app, ["report", "--run", str(tiny_run / "best.pt")], catch_exceptions=False)
+    assert again.exit_code == 0, again.output
+    assert sorted(p.name for p in (tiny_run / "figures").iterdir()) == figures
 
 
 def test_report_help_and_missing_run(tmp_path):
