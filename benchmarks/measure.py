@@ -31,7 +31,7 @@ from qin.config import Config, DeviceChoice  # noqa: E402
 from qin.data import SplitTensors, item_tables_of, vocab_of  # noqa: E402
 from qin.features.io import FeatureSet, load_features  # noqa: E402
 from qin.model import CTRModel, build_model  # noqa: E402
-from qin.train import predict_probabilities, resolve_device, seed_everything  # noqa: E402
+from qin.runtime import predict_probabilities, resolve_device, seed_everything  # noqa: E402
 
 REFERENCE = ROOT / "qin.yaml"
 

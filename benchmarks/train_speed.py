@@ -21,10 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qin.batch import Batch, ItemTables
+from qin.batch import Batch, ItemTables, Vocab
 from qin.config import Config, DeviceChoice
-from qin.model import Vocab, build_model
-from qin.train import make_train_step, resolve_device, seed_everything
+from qin.model import build_model
+from qin.runtime import resolve_device, seed_everything
+from qin.train import make_train_step
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VOCAB = Vocab(items=91718, tags=11740, levels=11)

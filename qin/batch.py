@@ -1,4 +1,5 @@
-"""Typed model inputs: one `Batch` of impressions and the `ItemTables` every item vector needs.
+"""Typed model inputs: one `Batch` of impressions, the `ItemTables` every item vector needs and the
+`Vocab` (table sizes) the embeddings are built with.
 
 Notation: B batch rows, L history slots (max_len), V item vocabulary (rows of item_info),
 T tags per item (5), M multimodal width (128).
@@ -9,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from qin.errors import QinError
 
 # Raw likes/views levels are stored shifted by this (raw 0..9 -> 1..10) so that 0 is free for padding;
 # encoded level LEVEL_SHIFT is therefore raw level 0 (see ModelConfig.level_zero).
@@ -52,3 +55,17 @@ class ItemTables:
     @property
     def num_items(self) -> int:
         return int(self.tags.shape[0])
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """Table sizes, from the feature manifest (item_vocab, tag_vocab, level_vocab); 0 is padding in each."""
+
+    items: int  # rows of the item table, padding row included (91718 on the challenge data)
+    tags: int  # 11740
+    levels: int  # likes_level / views_level vocabulary (11)
+
+    def __post_init__(self) -> None:
+        for key in ("items", "tags", "levels"):
+            if getattr(self, key) < 1:
+                raise QinError(f"vocab.{key} must be >= 1, got {getattr(self, key)}")

@@ -219,7 +219,7 @@ def train(
     # Paths become absolute before config.yaml is written, so a run resumes or predicts from any folder.
     cfg = cfg.with_absolute_paths()
     if dist.world_size == 1:
-        from qin.train import resolve_device
+        from qin.runtime import resolve_device
 
         resolve_device(cfg.train.device)  # no GPU for train.device=cuda: say so before preprocessing
     created = False

@@ -15,10 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from qin.batch import Batch, ItemTables
+from qin.batch import Batch, ItemTables, Vocab
 from qin.config import MMNormalize
 from qin.features.io import FeatureSet, SplitArrays
-from qin.model import Vocab
 
 
 @dataclass(frozen=True)

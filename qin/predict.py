@@ -23,15 +23,15 @@ import numpy as np
 import polars as pl
 import torch
 
-from qin.batch import Batch
+from qin.batch import Batch, Vocab
 from qin.config import Config
 from qin.data import SplitTensors, item_tables_of, vocab_of
 from qin.errors import QinError
 from qin.features.io import FeatureSet, load_features
 from qin.metrics import auc, logloss
-from qin.model import CTRModel, Vocab, build_model
+from qin.model import CTRModel, build_model
 from qin.runs import atomic_write_bytes, atomic_write_text, check_replaceable, git_commit, load_checkpoint
-from qin.train import load_weights, predict_probabilities, resolve_device
+from qin.runtime import load_weights, predict_probabilities, resolve_device
 
 SUBMISSION_COLUMNS = ("Task1", "Task2", "Task1&2")
 PREDICTION_COLUMNS = ("row", "user_id", "item_id", "likes_level", "views_level", "history_len", "label",

@@ -19,7 +19,6 @@ and last.pt stay those of the last good evaluation.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -36,7 +35,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from qin import distributed
-from qin.config import Config, DeviceChoice, Regularization, TrainConfig, comparable
+from qin.config import Config, Regularization, TrainConfig, comparable
 from qin.data import SplitTensors, epoch_order, item_tables_of, iterate_batches, vocab_of
 from qin.errors import QinError
 from qin.features.io import FeatureSet
@@ -51,6 +50,7 @@ from qin.runs import (
     read_jsonl,
     save_checkpoint,
 )
+from qin.runtime import autocast_context, load_weights, predict_probabilities, resolve_device, seed_everything
 
 
 @dataclass
@@ -82,51 +82,6 @@ class FitResult:
     stopped_early: bool
     train_seconds: float
     evaluations: list[dict[str, Any]] = field(default_factory=list)
-
-
-def resolve_device(choice: DeviceChoice) -> torch.device:
-    match choice:
-        case DeviceChoice.auto:
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        case DeviceChoice.cpu:
-            return torch.device("cpu")
-        case DeviceChoice.cuda:
-            if not torch.cuda.is_available():
-                raise QinError("train.device is 'cuda' but no CUDA device is available")
-            return torch.device("cuda", torch.cuda.current_device())
-    raise ValueError(f"unknown device choice {choice!r}")
-
-
-def seed_everything(seed: int) -> None:
-    """Python, NumPy and torch (CPU and CUDA) seeds, cuDNN deterministic, as FuxiCTR does."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    torch.cuda.manual_seed_all(seed)
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
-
-
-def autocast_context(device: torch.device, train_cfg: TrainConfig) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (no loss scaling needed for bf16); a no-op on CPU."""
-    if device.type == "cuda" and train_cfg.bf16:
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-@torch.no_grad()
-def predict_probabilities(model: CTRModel, split: SplitTensors, batch_size: int, device: torch.device,
-                          train_cfg: TrainConfig) -> np.ndarray:
-    """Click probabilities for every row of `split`, in row order: (N,) float64."""
-    was_training = model.training
-    model.eval()
-    chunks = []
-    for batch in iterate_batches(split, batch_size):
-        with autocast_context(device, train_cfg):
-            logits = model(batch.to(device, non_blocking=True))
-        chunks.append(torch.sigmoid(logits.float()).cpu())
-    model.train(was_training)
-    return torch.cat(chunks).double().numpy() if chunks else np.zeros(0)
 
 
 def evaluate(model: CTRModel, split: SplitTensors, device: torch.device, train_cfg: TrainConfig,
@@ -474,17 +429,6 @@ def _restore(path: Path, model: CTRModel, optimizer: torch.optim.Optimizer, cfg:
                          numpy_rng["position"], numpy_rng["has_gauss"], numpy_rng["cached_gaussian"]))
     random.setstate(saved["python_rng"])
     return LoopState(**saved["loop_state"])
-
-
-def load_weights(model: CTRModel, state: dict[str, torch.Tensor], source: Path) -> None:
-    """`model.load_state_dict`, with a one-line error when the shapes were made for other features."""
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as error:
-        detail = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line
-                       or "Missing key" in line or "Unexpected key" in line), str(error).splitlines()[0])
-        raise QinError(f"{source}: the checkpoint does not fit these features or this model ({detail}); "
-                       "use the feature folder and config it was trained with") from error
 
 
 def _config_difference(saved: dict[str, Any], current: dict[str, Any]) -> str:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from qin.batch import ItemTables
+from qin.batch import ItemTables, Vocab
 from qin.config import ModelConfig, ModelName
 from qin.model.din import DIN
-from qin.model.layers import CTRModel, Vocab
+from qin.model.layers import CTRModel
 from qin.model.qin import QIN, QINMLP, MeanPoolMLP, QINNoASTA, QINNoPReLU, QINSoftmax
 from qin.model.qin_plus import QINPlus
 from qin.model.qnn_alpha import QNNAlpha

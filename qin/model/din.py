@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from qin.batch import Batch, ItemTables
+from qin.batch import Batch, ItemTables, Vocab
 from qin.config import ModelConfig
-from qin.model.layers import MLP, Activation, CTRModel, DINAttention, FeatureEmbedding, Vocab, init_weights
+from qin.model.layers import MLP, Activation, CTRModel, DINAttention, FeatureEmbedding, init_weights
 
 
 class DIN(CTRModel):

@@ -25,30 +25,15 @@ from __future__ import annotations
 import abc
 import enum
 import math
-from dataclasses import dataclass
 from typing import assert_never
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qin.batch import LEVEL_SHIFT, Batch, ItemTables
+from qin.batch import LEVEL_SHIFT, Batch, ItemTables, Vocab
 from qin.config import BCEForm, LevelZero, ModelConfig
 from qin.errors import QinError
-
-
-@dataclass(frozen=True)
-class Vocab:
-    """Table sizes, from the feature manifest (item_vocab, tag_vocab, level_vocab); 0 is padding in each."""
-
-    items: int  # rows of the item table, padding row included (91718 on the challenge data)
-    tags: int  # 11740
-    levels: int  # likes_level / views_level vocabulary (11)
-
-    def __post_init__(self) -> None:
-        for key in ("items", "tags", "levels"):
-            if getattr(self, key) < 1:
-                raise QinError(f"vocab.{key} must be >= 1, got {getattr(self, key)}")
 
 
 class Activation(enum.StrEnum):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qin.batch import Batch, ItemTables
+from qin.batch import Batch, ItemTables, Vocab
 from qin.config import ModelConfig
 from qin.model.layers import (
     MLP,
@@ -30,7 +30,6 @@ from qin.model.layers import (
     QuadraticTower,
     SoftmaxTargetAttention,
     TargetAttention,
-    Vocab,
     init_weights,
 )
 

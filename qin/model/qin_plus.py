@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qin.batch import Batch, ItemTables
+from qin.batch import Batch, ItemTables, Vocab
 from qin.config import ModelConfig
 from qin.model.layers import (
     MLP,
@@ -38,7 +38,6 @@ from qin.model.layers import (
     MeanPooling,
     QuadraticTower,
     SoftmaxTargetAttention,
-    Vocab,
     init_weights,
 )
 
