@@ -1,5 +1,8 @@
 # Set-up and the two commands the README names: `make demo` and `make test`.
-PYTHON ?= python3.11
+# The first python3.13 / 3.12 / 3.11 / python3 on PATH whose version qin supports (3.11 to 3.13).
+PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
+	$$p -c 'import sys; sys.exit(not (3, 11) <= sys.version_info[:2] <= (3, 13))' 2>/dev/null && { echo $$p; break; }; \
+	done)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -7,7 +10,8 @@ STAMP := $(VENV)/.installed
 .PHONY: install demo test bench clean
 
 $(STAMP): pyproject.toml
-	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH (set PYTHON=...)"; exit 1; }
+	@test -n "$(PYTHON)" && command -v $(PYTHON) >/dev/null 2>&1 || \
+		{ echo "need Python 3.11, 3.12 or 3.13 on PATH (or set PYTHON=/path/to/python)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	# torch first and pinned: the CPU build; letting another package pull torch fetches CUDA wheels.

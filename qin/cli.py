@@ -23,7 +23,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="QIN for multimodal CTR prediction: synth -> preprocess -> train -> predict.")
 console = Console(stderr=True)
 
-ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="YAML config (see qin.yaml).")]
+ConfigOption = Annotated[list[Path] | None, typer.Option(
+    "--config", "-c", help="YAML config (default qin.yaml). Repeat to layer: each later file sets the keys "
+                           "written in it, e.g. -c configs/din.yaml -c configs/budget.yaml.")]
 SetOption = Annotated[list[str] | None,
                       typer.Option("--set", help="Override, e.g. --set train.learning_rate=1e-3.")]
 RunOption = Annotated[Path | None, typer.Option("--run", help="Run folder (default: newest under runs/).")]
@@ -54,8 +56,9 @@ def _say_error(message: str) -> None:
     raise typer.Exit(code=2) from None
 
 
-def _load_config(config: Path, overrides: list[str] | None) -> Config:
-    return Config.from_yaml(config, overrides or [])
+def _load_config(config: list[Path] | None, overrides: list[str] | None,
+                 default: Path = Path("qin.yaml")) -> Config:
+    return Config.from_yaml(config or [default], overrides or [])
 
 
 def _run_dir_or_latest(run: Path | None, config: Config | None = None) -> Path:
@@ -170,30 +173,22 @@ def _synth_logs(size: str, out: Path, seed: int, test_label: bool) -> None:
 @app.command()
 @_user_errors
 def preprocess(
-    config: ConfigOption = Path("qin.yaml"),
+    config: ConfigOption = None,
     overrides: SetOption = None,
     force: Annotated[bool, typer.Option(help="Rebuild even when the features are up to date.")] = False,
 ) -> None:
     """Raw parquet files -> model-ready arrays under features/ (a no-op when up to date)."""
-    cfg = _load_config(config, overrides)
-    result = _build_features(cfg, force=force)
+    from qin.features.pipeline import build_features_for
+
+    result = build_features_for(_load_config(config, overrides).data, force=force)
     state = "rebuilt" if result.rebuilt else "up to date"
     console.print(f"features {state}: {result.feature_dir} ({result.seconds:.1f} s)")
-
-
-def _build_features(cfg: Config, force: bool = False, expected_sources: dict[str, str] | None = None) -> Any:
-    from qin.features.pipeline import build_features, feature_dir_of
-
-    data = cfg.data
-    item_info = Path(data.item_info) if data.item_info else None
-    return build_features(Path(data.raw_dir), feature_dir_of(data), data.max_len, item_info=item_info,
-                          force=force, expected_sources=expected_sources)
 
 
 @app.command()
 @_user_errors
 def train(
-    config: ConfigOption = Path("qin.yaml"),
+    config: ConfigOption = None,
     overrides: SetOption = None,
     run_dir: Annotated[Path | None, typer.Option(help="Run folder (default: runs/<model>-<time>).")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue the interrupted run in this folder.")] = None,
@@ -202,89 +197,12 @@ def train(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Train, early-stop on validation AUC, keep the best checkpoint (runs/<name>/best.pt)."""
-    from qin import distributed
-    from qin.runs import RunLock, prepare_run_dir, remove_unstarted_run
+    from qin.train import train_command
 
-    if resume is not None and (run_dir is not None or overwrite):
-        raise QinError("--resume continues the run in its own folder; drop --run-dir / --overwrite")
-    if resume is not None and resume.is_file():
-        raise QinError(f"--resume takes the run folder, not a file: use --resume {resume.parent}")
-    dist = distributed.context()
-    if resume is not None:
-        run_dir = resume
-        # Without -c the run's own config.yaml is the config (no qin.yaml needed in the current folder).
-        cfg = _load_config(resume / "config.yaml" if config == Path("qin.yaml") else config, overrides)
-    else:
-        cfg = _load_config(config, overrides)
-    # Paths become absolute before config.yaml is written, so a run resumes or predicts from any folder.
-    cfg = cfg.with_absolute_paths()
-    if dist.world_size == 1:
-        from qin.runtime import resolve_device
-
-        resolve_device(cfg.train.device)  # no GPU for train.device=cuda: say so before preprocessing
-    created = False
-    if run_dir is None:
-        run_dir, created = _shared_run_dir(cfg, dist), True
-    lock = RunLock(run_dir)
-    if dist.is_main:
-        created = lock.acquire() or created
-    try:
-        if resume is None and dist.is_main:
-            created = prepare_run_dir(run_dir, overwrite) or created  # before any work
-        result = _train_locked(cfg, run_dir, resume is not None, progress, dist)
-    except (QinError, OSError, KeyboardInterrupt) as error:
-        lock.release(failed=True)
-        if created and dist.is_main:
-            remove_unstarted_run(run_dir)  # a run that failed before its first checkpoint leaves nothing
-        # After Ctrl-C or a full disk the run can go on as it was; a QinError needs a change first.
-        if dist.is_main and not isinstance(error, QinError) and (run_dir / "last.pt").is_file():
-            console.print(f"its last saved state is kept: continue with `qin train --resume {run_dir}`",
-                          highlight=False, soft_wrap=True)
-        raise
-    lock.release()
-    if dist.is_main:
+    result = train_command(config, overrides or [], run_dir, resume, overwrite, progress, console)
+    if result is not None:
         console.print(f"best valid AUC {result.valid_auc:.5f} (epoch {result.best_epoch}); "
-                      f"checkpoint {run_dir / 'best.pt'}")
-    distributed.shutdown(dist)
-
-
-def _train_locked(cfg: Config, run_dir: Path, resume: bool, progress: bool, dist: Any) -> Any:
-    """Features (rank 0 builds, the others wait), then `fit`; the run folder is locked by the caller."""
-    from qin import distributed
-    from qin.features.io import load_features
-    from qin.train import fit
-
-    # A resume refuses changed raw data before the shared feature folder is rebuilt for it.
-    expected = _recorded_sources(run_dir / "last.pt") if resume else None
-    feature_dir = _build_features(cfg, expected_sources=expected).feature_dir if dist.is_main else None
-    if dist.world_size > 1:
-        distributed.barrier(dist)  # rank 0 builds the features; the others wait, then read them
-        from qin.features.pipeline import feature_dir_of
-
-        feature_dir = feature_dir_of(cfg.data)
-    return fit(cfg, load_features(feature_dir), run_dir, resume=resume, progress=progress, console=console)
-
-
-def _recorded_sources(last: Path) -> dict[str, str] | None:
-    """The raw files' sha256 recorded in a run's last.pt (None for runs from before they were recorded)."""
-    from qin.runs import load_checkpoint
-
-    if not last.is_file():
-        return None  # `fit` says that the run cannot be resumed
-    return load_checkpoint(last).get("feature_sources")
-
-
-def _shared_run_dir(cfg: Config, dist) -> Path:
-    """A new run folder, named by rank 0 and shared with the other processes."""
-    from qin.runs import new_run_dir
-
-    if dist.world_size == 1:
-        return new_run_dir(Path(cfg.train.run_root), cfg.model.name.value)
-    import torch.distributed as torch_dist
-
-    holder = [str(new_run_dir(Path(cfg.train.run_root), cfg.model.name.value)) if dist.is_main else None]
-    torch_dist.broadcast_object_list(holder, src=0)
-    return Path(holder[0])
+                      f"checkpoint {result.run_dir / 'best.pt'}")
 
 
 @app.command()
@@ -461,14 +379,15 @@ def neighbors(
 @_user_errors
 def demo(
     size: Annotated[DemoSize, typer.Option(help="Demo data size.")] = DemoSize.small,
-    config: ConfigOption = Path("configs/demo.yaml"),
+    config: ConfigOption = None,
     overrides: SetOption = None,
     out: Annotated[Path, typer.Option(help="Submission file.")] = Path("submissions/demo_submission.csv"),
 ) -> None:
     """The whole job on generated data: synth -> preprocess -> train -> predict -> evaluate."""
     from qin.demo import run_demo
 
-    summary = run_demo(size.value, _load_config(config, overrides), out, console)
+    summary = run_demo(size.value, _load_config(config, overrides, default=Path("configs/demo.yaml")), out,
+                       console)
     console.print(f"[bold]validation AUC {summary['valid_auc']:.4f}[/bold]  "
                   f"oracle AUC {summary['oracle_auc']:.4f}"
                   f"  ({100 * (summary['valid_auc'] - 0.5) / (summary['oracle_auc'] - 0.5):.1f}% of the "

@@ -13,6 +13,7 @@ import enum
 import math
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,11 +201,27 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     @staticmethod
-    def from_yaml(path: str | Path, overrides: list[str] | None = None) -> Config:
-        """Load `path` (following `base:`), apply `section.key=value` overrides, validate."""
-        raw = _read_yaml_with_base(Path(path), seen=())
+    def from_yaml(path: str | Path | Sequence[str | Path], overrides: list[str] | None = None) -> Config:
+        """Load one YAML file or several layered ones, apply `section.key=value` overrides, validate.
+
+        The first file is read with its `base:` chain; each later file then sets only the keys written
+        in it (its own `base:` is not followed), so `-c configs/din.yaml -c configs/budget.yaml` is DIN
+        with the budget's sizes, not the budget's base undoing DIN's settings.
+        """
+        paths = [Path(path)] if isinstance(path, str | Path) else [Path(item) for item in path]
+        if not paths:
+            raise QinError("no config file given")
+        raw = _read_yaml_with_base(paths[0], seen=())
+        for layer in paths[1:]:
+            own = _read_yaml_with_base(layer, seen=(), follow_base=False)
+            for section, values in own.items():
+                if isinstance(values, dict) and isinstance(raw.get(section), dict):
+                    raw[section] = {**raw[section], **values}
+                else:
+                    raw[section] = values
         overridden = {_apply_override(raw, item) for item in overrides or []}
-        return Config.from_dict(raw, source=str(path), overridden=frozenset(overridden))
+        source = " + ".join(str(item) for item in paths)
+        return Config.from_dict(raw, source=source, overridden=frozenset(overridden))
 
     @staticmethod
     def from_dict(raw: dict[str, Any], source: str = "<dict>",
@@ -274,7 +291,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _read_yaml_with_base(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+def _read_yaml_with_base(path: Path, seen: tuple[Path, ...], follow_base: bool = True) -> dict[str, Any]:
     if not path.is_file():
         raise QinError(f"config file not found: {path}")
     if path.resolve() in seen:
@@ -288,7 +305,7 @@ def _read_yaml_with_base(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise QinError(f"{path}: top level must be a mapping of sections")
     base_name = raw.pop("base", None)
-    if base_name is None:
+    if base_name is None or not follow_base:
         return raw
     base = _read_yaml_with_base((path.parent / str(base_name)), seen + (path.resolve(),))
     for section, values in raw.items():

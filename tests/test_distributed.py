@@ -14,7 +14,7 @@ import torch
 
 from qin.data import SplitTensors, epoch_order
 from qin.distributed import Context
-from qin.train import _shard_order
+from qin.train import shard_order
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize(("rows", "batch"), [(20, 8), (24, 8), (17, 8)])
 def test_shards_together_cover_each_global_batch(rows, batch):
     order = epoch_order(rows, seed=3, epoch=0)
-    shards = [_shard_order(order, batch, Context(rank=r, world_size=2)) for r in range(2)]
+    shards = [shard_order(order, batch, Context(rank=r, world_size=2)) for r in range(2)]
     local = shards[0][1]
     assert local == batch // 2
     for step in range(rows // batch):

@@ -309,7 +309,7 @@ def test_resume_refuses_changed_data_and_names_the_changed_key(tiny_data, tiny_f
 
 def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoints(tiny_data, tiny_features,
                                                                           tmp_path, monkeypatch):
-    import qin.train as train_module
+    import qin.train.loop as train_module
 
     real_step = train_module.make_train_step
 
