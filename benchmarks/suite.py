@@ -14,12 +14,16 @@ configs/qin_plus.yaml over the same budget), selects its checkpoint on validatio
 TEST split, whose labels and true click probabilities the generator keeps in hidden/: so the reported
 AUC is not the one the checkpoint was picked on. Beside it: the oracle's test AUC, the lift over chance
 as a share of the oracle's, (AUC - .5) / (oracle - .5), test logloss against the base rate's, epochs and
-seconds. The baseline ladder (qin/baselines.py) is fitted on train and scored on the same test rows.
+seconds; and the test GAUC (per-user AUC weighted by the user's rows), normalised entropy (logloss over the
+entropy of the test click rate) and calibration ratio (predicted over observed clicks), with the oracle's
+GAUC and NE (qin/metrics.py has the definitions). The baseline ladder (qin/baselines.py) is fitted on train
+and scored on the same test rows (AUC and logloss only).
 
 Results accumulate in benchmarks/results/suite/<data set>_<size>.json (one record per model and seed,
 keyed by the run's config, so an interrupted suite resumes where it stopped) and the tables go to
 benchmarks/results/suite.md. The key is the config, not the code: after changing a model's code, delete its
-rows (or the file) to measure it again.
+rows (or the file) to measure it again. Results stored before GAUC/NE/calibration were recorded show those
+cells blank in the report.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -42,7 +47,7 @@ from qin.baselines import fit_ladder
 from qin.config import Config
 from qin.features.io import load_features
 from qin.features.pipeline import build_features, feature_dir_for
-from qin.metrics import auc, logloss
+from qin.metrics import auc, calibration_ratio, gauc, logloss, normalized_entropy
 from qin.predict import load_run, score_split
 from qin.synth import SynthSize, params_with, synthesize
 
@@ -143,7 +148,9 @@ def run_one(dataset: DataSet, size: str, models: list[str], seeds: list[int], th
     feature_dir = feature_dir_for(Path(base.data.features_root), raw_dir, base.data.max_len, None)
     built = build_features(raw_dir, feature_dir, base.data.max_len, progress=False)
     features = load_features(built.feature_dir)
-    labels, p_true = test_truth(data_root, np.asarray(features.split("test").ids))
+    test = features.split("test")
+    labels, p_true = test_truth(data_root, np.asarray(test.ids))
+    users = np.asarray(test.user_id)  # same row order as labels (test_truth aligns by the split's IDs)
     base_rate = float(np.asarray(features.split("train").label).mean())
     record.update({
         "dataset": dataset.name, "size": size, "what": dataset.what, "process": dataset.process,
@@ -152,6 +159,7 @@ def run_one(dataset: DataSet, size: str, models: list[str], seeds: list[int], th
                  for split in ("train", "valid", "test")},
         "oracle_test_auc": auc(labels, p_true), "oracle_valid_auc": meta["auc"]["oracle_valid"],
         "oracle_test_logloss": logloss(labels, p_true),
+        "oracle_test_gauc": gauc(labels, p_true, users), "oracle_test_ne": normalized_entropy(labels, p_true),
         "base_rate_test_logloss": logloss(labels, np.full(labels.size, base_rate)),
         "baselines": [{"name": b.name.value, "test_auc": b.auc, "test_logloss": b.logloss}
                       for b in fit_ladder(features, "test", labels)],
@@ -173,6 +181,9 @@ def run_one(dataset: DataSet, size: str, models: list[str], seeds: list[int], th
             train_losses = [e["train_loss"] for e in result.evaluations]
             row = {"model": model, "seed": seed, "config_key": key, "valid_auc": result.valid_auc,
                    "test_auc": auc(labels, probabilities), "test_logloss": logloss(labels, probabilities),
+                   "test_gauc": gauc(labels, probabilities, users),
+                   "test_ne": normalized_entropy(labels, probabilities),
+                   "test_calibration": calibration_ratio(labels, probabilities),
                    "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
                    "max_train_loss": max(train_losses), "seconds": round(seconds, 1),
                    "parameters": sum(p.numel() for p in loaded.model.parameters())}
@@ -181,14 +192,16 @@ def run_one(dataset: DataSet, size: str, models: list[str], seeds: list[int], th
             record["runs"] = [r for r in stored if not (r["model"] == model and r["seed"] == seed)] + [row]
             write_json(result_path, record)
             console.log(f"{dataset.name} {size} {model} seed {seed}: test AUC {row['test_auc']:.4f} "
-                        f"(oracle {record['oracle_test_auc']:.4f}) in {row['seconds']} s")
+                        f"(oracle {record['oracle_test_auc']:.4f}), GAUC {row['test_gauc']:.4f} "
+                        f"(oracle {record['oracle_test_gauc']:.4f}), NE {row['test_ne']:.4f}, "
+                        f"calibration {row['test_calibration']:.3f} in {row['seconds']} s")
 
 
 def lift(value: float, oracle: float) -> float:
     return (value - 0.5) / (oracle - 0.5)
 
 
-def report() -> str:
+def auc_table() -> str:
     """Markdown table from every stored result: test AUC (mean over seeds, with spread), the strongest model
     of each row with its lift and margin over the best logistic regression, and its logloss."""
     lines = ["| data set | size | oracle | popularity | LR 2 | LR 2 + levels | " + " | ".join(MODELS)
@@ -225,6 +238,53 @@ def report() -> str:
                 cells += ["", "", ""]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _mean(runs: list[dict[str, Any]], key: str) -> tuple[float, int] | None:
+    """Mean of `key` over the runs that recorded it (older results lack the newer metrics), and their number;
+    None when none did or every value is undefined (NaN)."""
+    values = [r[key] for r in runs if r.get(key) is not None and not math.isnan(r[key])]
+    return (statistics.mean(values), len(values)) if values else None
+
+
+def gauc_ne_table() -> str:
+    """Markdown table from every stored result: per model, test GAUC · NE · calibration ratio (means over the
+    seeds that recorded them, with their number when more than one); the best GAUC of a row in bold; blank
+    where a result predates these metrics."""
+    lines = ["| data set | size | oracle GAUC · NE | " + " | ".join(MODELS) + " |",
+             "|---|---|---|" + "---|" * len(MODELS)]
+    for dataset in SUITE:
+        for size in SIZES:
+            path = RESULTS / f"{dataset.name}_{size}.json"
+            if not path.is_file():
+                continue
+            record = json.loads(path.read_text())
+            oracle = [record.get(k) for k in ("oracle_test_gauc", "oracle_test_ne")]
+            cells = [dataset.name, size, " · ".join(f"{v:.4f}" for v in oracle) if None not in oracle else ""]
+            gaucs: dict[int, float] = {}
+            for model in MODELS:
+                runs = [r for r in record["runs"] if r["model"] == model]
+                measured = _mean(runs, "test_gauc")
+                if measured is None:
+                    cells.append("")
+                    continue
+                gaucs[len(cells)] = measured[0]
+                ne, calibration = _mean(runs, "test_ne"), _mean(runs, "test_calibration")
+                parts = [f"{measured[0]:.4f}", f"{ne[0]:.4f}" if ne else "–",
+                         f"{calibration[0]:.3f}" if calibration else "–"]
+                cells.append(" · ".join(parts) + (f" ({measured[1]})" if measured[1] > 1 else ""))
+            if gaucs:
+                best = max(gaucs, key=gaucs.__getitem__)
+                cells[best] = f"**{cells[best]}**"
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report() -> str:
+    """The report's tables, as markdown: test AUC with the baseline ladder, then GAUC, NE and calibration."""
+    return (auc_table() + "\n\nTest GAUC (per-user AUC, users weighted by their rows) · normalised entropy "
+            "(logloss / entropy of the test click rate, lower is better) · calibration (predicted / observed "
+            "clicks); blank: not recorded by that run.\n\n" + gauc_ne_table())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,7 +21,33 @@ from qin.errors import QinError, os_error
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="QIN for multimodal CTR prediction: synth -> preprocess -> train -> predict.")
-console = Console(stderr=True)
+console = Console(stderr=True)  # status lines and progress bars: stderr, silenced by `qin --quiet`
+error_console = Console(stderr=True)  # `error:` lines, never silenced
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
+
+
+def _version(show: bool) -> None:
+    if show:
+        from qin import __version__
+
+        print(f"qin {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global_options(
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_version,
+                                          help="Print the version and exit.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or status lines (errors and "
+                                                              "--json output still print).")] = False,
+) -> None:
+    """QIN for multimodal CTR prediction: synth -> preprocess -> train -> predict."""
+    console.quiet = quiet
+
+
+def _progress(requested: bool = True) -> bool:
+    """Whether a command shows progress: asked for, and `qin --quiet` not given."""
+    return requested and not console.quiet
 
 ConfigOption = Annotated[list[Path] | None, typer.Option(
     "--config", "-c", help="YAML config (default qin.yaml). Repeat to layer: each later file sets the keys "
@@ -45,14 +71,14 @@ def _user_errors(command: Callable) -> Callable:
             _say_error(str(os_error(error)))
         except KeyboardInterrupt:
             # Every writer cleans up its temporary files on the way out; nothing else to say.
-            console.print("interrupted (Ctrl-C): outputs are as they were, or complete", highlight=False)
+            error_console.print("interrupted (Ctrl-C): outputs are as they were, or complete")
             raise typer.Exit(code=130) from None
 
     return wrapper
 
 
 def _say_error(message: str) -> None:
-    console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
+    error_console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2) from None
 
 
@@ -180,7 +206,7 @@ def preprocess(
     """Raw parquet files -> model-ready arrays under features/ (a no-op when up to date)."""
     from qin.features.pipeline import build_features_for
 
-    result = build_features_for(_load_config(config, overrides).data, force=force)
+    result = build_features_for(_load_config(config, overrides).data, force=force, progress=_progress())
     state = "rebuilt" if result.rebuilt else "up to date"
     console.print(f"features {state}: {result.feature_dir} ({result.seconds:.1f} s)")
 
@@ -195,14 +221,21 @@ def train(
     overwrite: Annotated[bool, typer.Option(help="Replace the earlier run in --run-dir (its checkpoints "
                                                  "and metrics are deleted).")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    as_json: JsonOption = False,
 ) -> None:
     """Train, early-stop on validation AUC, keep the best checkpoint (runs/<name>/best.pt)."""
     from qin.train import train_command
 
-    result = train_command(config, overrides or [], run_dir, resume, overwrite, progress, console)
-    if result is not None:
-        console.print(f"best valid AUC {result.valid_auc:.5f} (epoch {result.best_epoch}); "
-                      f"checkpoint {result.run_dir / 'best.pt'}")
+    result = train_command(config, overrides or [], run_dir, resume, overwrite, _progress(progress), console)
+    if result is None:
+        return
+    console.print(f"best valid AUC {result.valid_auc:.5f} (epoch {result.best_epoch}); "
+                  f"checkpoint {result.run_dir / 'best.pt'}")
+    if as_json:
+        print(json.dumps({"run_dir": str(result.run_dir), "valid_auc": result.valid_auc,
+                          "valid_logloss": result.valid_logloss, "best_epoch": result.best_epoch,
+                          "best_step": result.best_step, "steps": result.steps,
+                          "stopped_early": result.stopped_early, "train_seconds": result.train_seconds}))
 
 
 @app.command()
@@ -219,6 +252,7 @@ def predict(
     features: Annotated[Path | None, typer.Option(help="Feature folder (default: the one trained on).")]
     = None,
     device: Annotated[DeviceChoice | None, typer.Option(help="Device (default: the run's).")] = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Write the challenge submission (ID,Task2), validated; or per-row validation predictions."""
     from qin.predict import (
@@ -240,6 +274,7 @@ def predict(
         target = out or loaded.run_dir / "valid_predictions.parquet"
         write_frame(validation_predictions(loaded), target)
         console.print(f"wrote per-row validation predictions: {target}")
+        print(json.dumps({"predictions": str(target)}) if as_json else target)
         return
     if out is None:
         valid_auc = loaded.checkpoint.get("valid_auc")
@@ -249,7 +284,7 @@ def predict(
         out = Path("submissions") / f"{loaded.run_dir.name}_{tag}.csv"
     sidecar = write_submission(loaded, out, column=column.value, make_zip=make_zip)
     console.print(f"wrote {sidecar['rows']} rows to {out}" + (f" and {sidecar['zip']}" if make_zip else ""))
-    print(out)
+    print(json.dumps(sidecar, default=str) if as_json else out)
 
 
 @app.command()
@@ -260,18 +295,20 @@ def evaluate(
     = None,
     features: Annotated[Path | None, typer.Option(help="Feature folder (default: the one trained on).")]
     = None,
+    as_json: JsonOption = False,
 ) -> None:
-    """AUC and logloss on the validation split (and the oracle AUC on generated data)."""
+    """AUC, GAUC, logloss, normalised entropy and calibration on valid (+ the oracle on generated data)."""
     from qin.predict import evaluate_run, load_run
 
     loaded = load_run(_run_dir_or_latest(run), feature_dir=features)
     _say_warnings(loaded)
     result = evaluate_run(loaded, truth)
-    table = Table(title="validation")
-    for key in result:
-        table.add_column(key)
-    table.add_row(*(f"{v:.0f}" if k == "rows" else f"{v:.5f}" for k, v in result.items()))
-    console.print(table)
+    if not as_json:  # the table is for people (stderr); the JSON line on stdout is for scripts, always
+        table = Table(title="validation")
+        for key in result:
+            table.add_column(key)
+        table.add_row(*(f"{v:.0f}" if k == "rows" else f"{v:.5f}" for k, v in result.items()))
+        console.print(table)
     print(json.dumps(result))
 
 

@@ -28,7 +28,7 @@ from qin.config import Config
 from qin.data import SplitTensors, item_tables_of, vocab_of
 from qin.errors import QinError
 from qin.features.io import FeatureSet, load_features
-from qin.metrics import auc, logloss
+from qin.metrics import auc, calibration_ratio, gauc, logloss, normalized_entropy
 from qin.model import CTRModel, build_model
 from qin.runs import atomic_write_bytes, atomic_write_text, check_replaceable, git_commit, load_checkpoint
 from qin.runtime import load_weights, predict_probabilities, resolve_device
@@ -257,14 +257,24 @@ def write_frame(frame: pl.DataFrame, out: Path) -> None:
 
 
 def evaluate_run(run: LoadedRun, truth_dir: Path | None = None) -> dict[str, float]:
-    """AUC and logloss on valid; with a generator's truth folder, the oracle AUC of the same rows."""
+    """Metrics of the run on the validation split (qin.metrics has the definitions).
+
+    Keys: rows; auc; gauc (per-user AUC weighted by the user's rows, users of one class left out);
+    logloss; ne (logloss over the entropy of the split's click rate); calibration (predicted over
+    observed clicks). With a generator's truth folder, the oracle's (true click probabilities') values on
+    the same rows beside them: oracle_auc, oracle_gauc, oracle_logloss, oracle_ne. An undefined metric is
+    NaN (e.g. gauc when no user has both a click and a non-click).
+    """
     valid = run.features.split("valid")
     if valid.label is None:
         raise QinError(f"{run.features.dir}: the validation split has no labels")
     labels = np.asarray(valid.label, dtype=np.float64)
+    users = np.asarray(valid.user_id)
     probabilities = score_split(run, "valid")
     result = {"rows": float(len(labels)), "auc": auc(labels, probabilities),
-              "logloss": logloss(labels, probabilities)}
+              "gauc": gauc(labels, probabilities, users), "logloss": logloss(labels, probabilities),
+              "ne": normalized_entropy(labels, probabilities),
+              "calibration": calibration_ratio(labels, probabilities)}
     if truth_dir is not None:
         truth_path = Path(truth_dir) / "valid_truth.parquet"
         if not truth_path.is_file():
@@ -275,7 +285,9 @@ def evaluate_run(run: LoadedRun, truth_dir: Path | None = None) -> dict[str, flo
         p_true = truth["p_true"].to_numpy()
         result["oracle_auc"] = auc(labels, p_true)
         _check_truth_matches(Path(truth_dir), result["oracle_auc"], run.features.dir)
+        result["oracle_gauc"] = gauc(labels, p_true, users)
         result["oracle_logloss"] = logloss(labels, p_true)
+        result["oracle_ne"] = normalized_entropy(labels, p_true)
     return result
 
 

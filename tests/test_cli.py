@@ -78,7 +78,10 @@ def test_predict_valid_rows_and_evaluate_with_oracle(trained):
     result = invoke("evaluate", "--run", str(root / "runs" / "r1"), "--truth", str(data / "hidden"))
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.stdout.strip().splitlines()[-1])
+    assert list(metrics) == ["rows", "auc", "gauc", "logloss", "ne", "calibration", "oracle_auc",
+                             "oracle_gauc", "oracle_logloss", "oracle_ne"]
     assert 0.5 < metrics["auc"] <= metrics["oracle_auc"] + 0.05
+    assert 0.5 < metrics["gauc"] <= 1 and 0 < metrics["ne"] < 1 and 0 < metrics["calibration"]
 
 
 def test_predict_defaults_to_the_newest_run(trained, monkeypatch):

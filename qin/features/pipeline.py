@@ -129,12 +129,12 @@ def feature_dir_of(data: DataConfig) -> Path:
     return feature_dir_for(Path(data.features_root), Path(data.raw_dir), data.max_len, item_info)
 
 
-def build_features_for(data: DataConfig, force: bool = False,
-                       expected_sources: dict[str, str] | None = None) -> BuildResult:
+def build_features_for(data: DataConfig, force: bool = False, expected_sources: dict[str, str] | None = None,
+                       progress: bool = True) -> BuildResult:
     """`build_features` for a data config: its raw folder, item table and max_len, into `feature_dir_of`."""
     item_info = Path(data.item_info) if data.item_info else None
     return build_features(Path(data.raw_dir), feature_dir_of(data), data.max_len, item_info=item_info,
-                          force=force, expected_sources=expected_sources)
+                          force=force, expected_sources=expected_sources, progress=progress)
 
 
 def _fitting_name(parent: str, raw: str, tail: str) -> str:

@@ -69,7 +69,7 @@ def _features_then_fit(cfg: Config, run_dir: Path, resume: bool, progress: bool,
     # A resume refuses changed raw data before the shared feature folder is rebuilt for it.
     expected = recorded_sources(run_dir / "last.pt") if resume else None
     if dist.is_main:
-        build_features_for(cfg.data, expected_sources=expected)
+        build_features_for(cfg.data, expected_sources=expected, progress=progress)
     if dist.world_size > 1:
         distributed.barrier(dist)
     return fit(cfg, load_features(feature_dir_of(cfg.data)), run_dir, resume=resume, progress=progress,
