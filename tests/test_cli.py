@@ -109,4 +109,29 @@ def test_clear_errors(tmp_path, trained):
     no_config = invoke("train", "--config", str(tmp_path / "none.yaml"))
     assert no_config.exit_code == 2 and "config file not found" in no_config.output
     empty_runs = invoke("evaluate", "--run", str(tmp_path))
-    assert empty_runs.exit_code == 2
+    assert empty_runs.exit_code == 2 and "checkpoint not found" in empty_runs.output
+
+
+def test_neighbors_and_embed_through_the_cli(trained, tmp_path):
+    _, _, data = trained
+    table = data / "MicroLens_1M_x1" / "item_info.parquet"
+    near = invoke("neighbors", "--table", str(table), "-k", "4", "7")
+    assert near.exit_code == 0, near.output
+    assert "nearest items to 7" in near.output and near.output.count("\n│ ") >= 4
+    out = tmp_path / "item_info_precomputed.parquet"
+    embedded = invoke("embed", "--from", "precomputed", "--data", str(data), "--dim", "16", "--out", str(out))
+    assert embedded.exit_code == 0, embedded.output
+    frame = pl.read_parquet(out)
+    assert frame.height == pl.read_parquet(table).height
+    assert frame["item_emb_d128"].list.len().unique().to_list() == [16]
+
+
+def test_demo_through_the_cli(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = Path(__file__).resolve().parent.parent
+    result = invoke("demo", "--size", "tiny", "-c", str(root / "configs" / "demo.yaml"),
+                    "--set", "train.epochs=1", "--set", "train.threads=1")
+    assert result.exit_code == 0, result.output
+    assert "validation AUC" in result.output and "oracle's lift" in result.output
+    submission = pl.read_csv(tmp_path / "submissions" / "demo_submission.csv")
+    assert submission.columns == ["ID", "Task2"] and submission.height == 1000

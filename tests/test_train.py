@@ -75,7 +75,9 @@ def test_max_steps_and_every_model_trains(tiny_data, tiny_features, tmp_path):
         cfg = tiny_config(tiny_data, tmp_path, max_steps=3).replace("model", name=name)
         result = fit(cfg, load_features(tiny_features), tmp_path / name, progress=False)
         assert result.steps == 3, name
-        assert 0.0 <= result.valid_auc <= 1.0
+        # max_steps ends the run with an evaluation, whose weights are the best.pt scored at the end
+        assert [record["step"] for record in result.evaluations] == [3], name
+        assert result.valid_auc == pytest.approx(result.evaluations[-1]["valid_auc"], abs=1e-9), name
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tiny_data, tiny_features, tmp_path):
