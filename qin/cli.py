@@ -295,6 +295,8 @@ def evaluate(
     = None,
     features: Annotated[Path | None, typer.Option(help="Feature folder (default: the one trained on).")]
     = None,
+    split: Annotated[PredictSplit, typer.Option(help="valid, or test (needs --truth: generated data).")]
+    = PredictSplit.valid,
     as_json: JsonOption = False,
 ) -> None:
     """AUC, GAUC, logloss, normalised entropy and calibration on valid (+ the oracle on generated data)."""
@@ -302,9 +304,9 @@ def evaluate(
 
     loaded = load_run(_run_dir_or_latest(run), feature_dir=features)
     _say_warnings(loaded)
-    result = evaluate_run(loaded, truth)
+    result = evaluate_run(loaded, truth, split=split.value)
     if not as_json:  # the table is for people (stderr); the JSON line on stdout is for scripts, always
-        table = Table(title="validation")
+        table = Table(title=split.value)
         for key in result:
             table.add_column(key)
         table.add_row(*(f"{v:.0f}" if k == "rows" else f"{v:.5f}" for k, v in result.items()))

@@ -256,39 +256,70 @@ def write_frame(frame: pl.DataFrame, out: Path) -> None:
     atomic_write_bytes(out, buffer.getvalue())
 
 
-def evaluate_run(run: LoadedRun, truth_dir: Path | None = None) -> dict[str, float]:
-    """Metrics of the run on the validation split (qin.metrics has the definitions).
+def evaluate_run(run: LoadedRun, truth_dir: Path | None = None, split: str = "valid") -> dict[str, float]:
+    """Metrics of the run on the validation split, or on the test split against a generator's truth.
 
     Keys: rows; auc; gauc (per-user AUC weighted by the user's rows, users of one class left out);
     logloss; ne (logloss over the entropy of the split's click rate); calibration (predicted over
     observed clicks). With a generator's truth folder, the oracle's (true click probabilities') values on
     the same rows beside them: oracle_auc, oracle_gauc, oracle_logloss, oracle_ne. An undefined metric is
-    NaN (e.g. gauc when no user has both a click and a non-click).
+    NaN (e.g. gauc when no user has both a click and a non-click). The test split has no labels of its
+    own: `split="test"` needs the truth folder and reads labels from its test_truth.parquet (by ID).
     """
-    valid = run.features.split("valid")
-    if valid.label is None:
-        raise QinError(f"{run.features.dir}: the validation split has no labels")
-    labels = np.asarray(valid.label, dtype=np.float64)
-    users = np.asarray(valid.user_id)
-    probabilities = score_split(run, "valid")
+    if split not in ("valid", "test"):
+        raise QinError(f"split must be valid or test, got {split!r}")
+    arrays = run.features.split(split)
+    users = np.asarray(arrays.user_id)
+    probabilities = score_split(run, split)
+    p_true = None
+    if split == "test":
+        if truth_dir is None:
+            raise QinError("the test split has no labels: pass --truth <data>/hidden (generated data only)")
+        labels, p_true = _test_truth(Path(truth_dir), np.asarray(arrays.ids))
+    else:
+        if arrays.label is None:
+            raise QinError(f"{run.features.dir}: the validation split has no labels")
+        labels = np.asarray(arrays.label, dtype=np.float64)
+        if truth_dir is not None:
+            p_true = _valid_truth(Path(truth_dir), len(labels))
     result = {"rows": float(len(labels)), "auc": auc(labels, probabilities),
               "gauc": gauc(labels, probabilities, users), "logloss": logloss(labels, probabilities),
               "ne": normalized_entropy(labels, probabilities),
               "calibration": calibration_ratio(labels, probabilities)}
-    if truth_dir is not None:
-        truth_path = Path(truth_dir) / "valid_truth.parquet"
-        if not truth_path.is_file():
-            raise QinError(f"truth file not found: {truth_path}")
-        truth = pl.read_parquet(truth_path).sort("row")
-        if truth.height != len(labels):
-            raise QinError(f"{truth_path}: {truth.height} rows, the validation split has {len(labels)}")
-        p_true = truth["p_true"].to_numpy()
+    if p_true is not None:
         result["oracle_auc"] = auc(labels, p_true)
-        _check_truth_matches(Path(truth_dir), result["oracle_auc"], run.features.dir)
+        if split == "valid":
+            _check_truth_matches(Path(truth_dir), result["oracle_auc"], run.features.dir)
         result["oracle_gauc"] = gauc(labels, p_true, users)
         result["oracle_logloss"] = logloss(labels, p_true)
         result["oracle_ne"] = normalized_entropy(labels, p_true)
     return result
+
+
+def _valid_truth(truth_dir: Path, rows: int) -> np.ndarray:
+    """p_true of the validation rows, in row order, from valid_truth.parquet."""
+    truth_path = truth_dir / "valid_truth.parquet"
+    if not truth_path.is_file():
+        raise QinError(f"truth file not found: {truth_path}")
+    truth = pl.read_parquet(truth_path).sort("row")
+    if truth.height != rows:
+        raise QinError(f"{truth_path}: {truth.height} rows, the validation split has {rows}")
+    return truth["p_true"].to_numpy()
+
+
+def _test_truth(truth_dir: Path, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, p_true) of the test rows, in row order, from test_truth.parquet (joined on ID)."""
+    truth_path = truth_dir / "test_truth.parquet"
+    if not truth_path.is_file():
+        raise QinError(f"truth file not found: {truth_path}")
+    truth = pl.read_parquet(truth_path, columns=["ID", "label", "p_true"])
+    if truth.height != len(ids):
+        raise QinError(f"{truth_path}: {truth.height} rows, the test split has {len(ids)}")
+    rows = pl.DataFrame({"ID": ids.astype(np.int64)})
+    joined = rows.join(truth, on="ID", how="left", maintain_order="left")
+    if joined["label"].null_count():
+        raise QinError(f"{truth_path}: holds no truth for some test IDs; is it this data set's hidden/?")
+    return joined["label"].to_numpy().astype(np.float64), joined["p_true"].to_numpy()
 
 
 def _check_truth_matches(truth_dir: Path, oracle_auc: float, feature_dir: Path) -> None:

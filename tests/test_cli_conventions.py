@@ -88,3 +88,14 @@ def test_resume_with_other_threads_continues(trained):
     assert result.exit_code == 0, result.output
     refused = invoke("train", "--resume", str(root / "run"), "--set", "train.learning_rate=0.5")
     assert refused.exit_code == 2 and "train.learning_rate (0.002 -> 0.5)" in refused.output
+
+
+def test_evaluate_the_test_split_against_the_truth(trained):
+    root, _ = trained
+    result = invoke("--quiet", "evaluate", "--run", str(root / "run"), "--split", "test", "--truth",
+                    str(root / "data" / "hidden"), "--json")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    assert metrics["rows"] == 1000 and 0.5 < metrics["auc"] < metrics["oracle_auc"] <= 1
+    no_truth = invoke("evaluate", "--run", str(root / "run"), "--split", "test")
+    assert no_truth.exit_code == 2 and "pass --truth" in no_truth.output
