@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import json
+from importlib.resources import files
 from pathlib import Path
 
 import nbformat
@@ -14,12 +16,13 @@ from sklearn.metrics import log_loss, roc_auc_score
 from typer.testing import CliRunner
 
 from qin import analysis
+from qin.analysis import report
 from qin.cli import app
 from qin.data import SplitTensors
 from qin.errors import QinError
 from tests.conftest import ROOT, tiny_config
 
-NOTEBOOK = ROOT / "notebooks" / "error_analysis.ipynb"
+NOTEBOOK = ROOT / "qin" / "notebooks" / "error_analysis.ipynb"
 
 
 def predictions(rows: int = 400, seed: int = 0, oracle: bool = False) -> pl.DataFrame:
@@ -193,9 +196,47 @@ def test_figure_images_are_named_by_cell_tag():
                     nbformat.v4.new_output("execute_result", data={"image/png": png}, execution_count=1)]
     untagged = nbformat.v4.new_code_cell("y")
     untagged.outputs = [nbformat.v4.new_output("display_data", data={"image/png": png})]
-    images = analysis._figure_images(nbformat.v4.new_notebook(cells=[cell, untagged]))
+    images = report._figure_images(nbformat.v4.new_notebook(cells=[cell, untagged]))
     assert [name for name, _ in images] == ["calibration.png", "calibration-2.png"]
     assert images[0][1].startswith(b"\x89PNG")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The package
+
+
+def test_the_package_exports_its_public_api():
+    """Every public name of the former single-module qin.analysis, still at `analysis.<name>`."""
+    public = {
+        "AnalysisData", "BinStrategy", "DEFAULT_COLD_MAX", "ErrorKind", "FIGURE_TAG", "FIG_DPI",
+        "HISTORY_BUCKETS",
+        "NOTEBOOK", "POPULARITY_BUCKETS", "REPORT_MARK", "Report", "attention_for", "bucket_labels",
+        "calibration_table", "example_row", "expected_calibration_error", "explain_errors", "learning_curves",
+        "load_analysis", "nearest_items", "overall_metrics", "plot_attention", "plot_calibration",
+        "plot_learning_curves", "plot_score_histograms", "plot_slice_auc", "render_report", "slice_auc",
+        "standard_slices", "user_targets", "worst_errors",
+    }
+    assert set(analysis.__all__) == public
+    for name in public:
+        assert hasattr(analysis, name), name
+
+
+def test_no_module_uses_another_modules_private_names():
+    modules = {path.stem for path in (ROOT / "qin" / "analysis").glob("*.py")}
+    for path in (ROOT / "qin" / "analysis").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("qin."):
+                private = [alias.name for alias in node.names if alias.name.startswith("_")]
+                assert not private, f"{path.name} imports {private} from {node.module}"
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+                assert not (node.value.id in modules and node.attr.startswith("_")), \
+                    f"{path.name} uses {node.value.id}.{node.attr}"
+
+
+def test_the_notebook_is_package_data():
+    assert analysis.NOTEBOOK == files("qin") / "notebooks" / "error_analysis.ipynb"
+    assert analysis.NOTEBOOK.is_file() and Path(str(analysis.NOTEBOOK)) == NOTEBOOK
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hashlib
+import json
 import os
 import signal
 import tempfile
@@ -21,6 +23,7 @@ from nbclient import NotebookClient
 from typer.testing import CliRunner
 
 from qin import analysis
+from qin.analysis import kernel, report
 from qin.cli import app
 from qin.errors import QinError
 
@@ -137,14 +140,14 @@ def test_a_figures_folder_of_report_figures_is_replaced(run, stop_at_execution):
 
 
 def test_figure_names_come_from_the_source_notebooks_tags():
-    names = analysis._figure_names(nbformat.read(analysis.NOTEBOOK, as_version=4))
+    names = report._figure_names(nbformat.read(analysis.NOTEBOOK, as_version=4))
     assert {"slices", "calibration", "attention", "learning_curves"} <= names
     ours = {"slices"}
     for name in ("slices.png", "slices-2.png", "slices-10.png"):
-        assert analysis._is_report_figure(name, ours), name
+        assert report._is_report_figure(name, ours), name
     for name in ("my_plot.png", "slices.PNG", "slices-.png", "slices-x.png", "slices-2.png.bak", "slices",
                  "slices.txt", "other-2.png", ".slices.png"):
-        assert not analysis._is_report_figure(name, ours), name
+        assert not report._is_report_figure(name, ours), name
 
 
 def test_a_user_written_notebook_at_the_executed_copy_is_refused(run, no_execution):
@@ -193,6 +196,21 @@ def test_an_executed_copy_qin_wrote_is_replaced(run, stop_at_execution):
     assert len(stop_at_execution) == 2
 
 
+def test_an_unmarked_copy_of_an_earlier_notebook_is_replaced(run, stop_at_execution, monkeypatch):
+    """Written before the mark by an earlier version of the notebook (e.g. before it moved into the package):
+    recognised by the hash of its cell sources."""
+    earlier = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# an earlier notebook"),
+                                              nbformat.v4.new_code_cell("RUN_DIR = 'x'")])
+    nbformat.write(earlier, run / "error_analysis.ipynb")
+    with pytest.raises(QinError, match="not written by"):
+        analysis.render_report(run)
+    digest = hashlib.sha256(json.dumps([cell.source for cell in earlier.cells]).encode()).hexdigest()
+    monkeypatch.setattr(report, "EARLIER_NOTEBOOKS", frozenset({digest}))
+    with pytest.raises(Executed):
+        analysis.render_report(run)
+    assert len(stop_at_execution) == 1
+
+
 def test_the_executed_copy_is_marked(run, monkeypatch):
     """The notebook handed to the kernel, and so every executed copy written, carries the mark."""
     seen = []
@@ -209,7 +227,7 @@ def test_the_executed_copy_is_marked(run, monkeypatch):
                                       metadata={"qin": seen[0]["qin"]})
     nbformat.write(marked, run / "copy.ipynb")
     source = nbformat.read(analysis.NOTEBOOK, as_version=4)
-    assert analysis._is_report_notebook(run / "copy.ipynb", source)
+    assert report._is_report_notebook(run / "copy.ipynb", source)
 
 
 def test_an_html_inside_the_figures_folder_is_refused(run, no_execution):
@@ -239,9 +257,9 @@ def test_figures_swap_puts_the_old_folder_back_on_an_interrupt(tmp_path, monkeyp
             raise KeyboardInterrupt
         replace(src, dst)
 
-    monkeypatch.setattr(analysis.os, "replace", interrupted_swap)
+    monkeypatch.setattr(report.os, "replace", interrupted_swap)
     with pytest.raises(KeyboardInterrupt):
-        analysis._write_figures(nbformat.v4.new_notebook(cells=[cell]), folder)
+        report._write_figures(nbformat.v4.new_notebook(cells=[cell]), folder)
     assert contents(tmp_path) == {"figures": None, "figures/slices.png": b"old"}
 
 
@@ -361,7 +379,7 @@ def test_ctrl_c_stops_the_kernel_and_writes_nothing(run, tmp_path, ctrl_c_raises
 
 def test_ctrl_c_through_the_cli_is_quiet(run, tmp_path, monkeypatch, ctrl_c_raises):
     notebook = interrupting_notebook(tmp_path / "interrupt.ipynb", tmp_path / "kernel.pid")
-    monkeypatch.setattr(analysis, "NOTEBOOK", notebook)
+    monkeypatch.setattr(report, "NOTEBOOK", notebook)
     result = CliRunner().invoke(app, ["report", "--run", str(run)])
     # A KeyboardInterrupt reached the CLI (typer exits 130, as a shell reports Ctrl-C), not another error.
     assert isinstance(result.exception, SystemExit) and result.exit_code in (1, 130), repr(result.exception)
@@ -429,7 +447,7 @@ class FakeClient:
 def test_execute_turns_ctrl_c_into_keyboard_interrupt_after_cleanup(ctrl_c_raises, cancelled_as):
     client = FakeClient(cancelled_as)
     with pytest.raises(KeyboardInterrupt):
-        analysis._execute(client)
+        kernel.execute(client)
     assert client.cleaned_up and client.shutdown_kernel == "immediate"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
@@ -444,7 +462,7 @@ def test_execute_leaves_an_ignored_sigint_alone():
 
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        analysis._execute(Quick())
+        kernel.execute(Quick())
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)

@@ -1,0 +1,163 @@
+"""Error-analysis figures: matplotlib.figure.Figure, not pyplot (nothing global, nothing shown).
+
+A notebook shows what a cell returns; a script can `savefig`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+import polars as pl
+from matplotlib.figure import Figure
+
+FIG_DPI = 100
+
+
+def _figure(width: float, height: float) -> Figure:
+    return Figure(figsize=(width, height), dpi=FIG_DPI, layout="constrained")
+
+
+def plot_slice_auc(slices: Mapping[str, pl.DataFrame], overall_auc: float | None = None,
+                   columns: int = 3) -> Figure:
+    """One bar panel per slicing: AUC per slice (oracle as black ticks), rows under each label."""
+    rows = math.ceil(len(slices) / columns)
+    fig = _figure(4.6 * columns, 3.4 * rows)
+    axes = np.atleast_1d(fig.subplots(rows, columns, squeeze=False)).ravel()
+    for ax, (title, table) in zip(axes, slices.items(), strict=False):
+        x = np.arange(table.height)
+        values = table["auc"].to_numpy()
+        ax.bar(x, np.nan_to_num(values, nan=0.0), color="tab:blue", alpha=0.8, label="model")
+        lows = [np.nanmin(values)] if np.isfinite(values).any() else [0.5]
+        if "oracle_auc" in table.columns:
+            oracle = table["oracle_auc"].to_numpy()
+            ax.scatter(x, oracle, marker="_", s=300, color="black", zorder=3, label="oracle")
+            lows.append(np.nanmin(oracle) if np.isfinite(oracle).any() else 0.5)
+        if overall_auc is not None:
+            ax.axhline(overall_auc, color="tab:red", linestyle="--", linewidth=1, label="all rows")
+        ax.set_ylim(max(0.0, min(lows) - 0.05), 1.0)
+        ax.set_xticks(x, [f"{s}\n{n}" for s, n in zip(table["slice"], table["rows"], strict=True)],
+                      fontsize=7, rotation=0 if table.height <= 8 else 45)
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel("AUC")
+    for ax in axes[len(slices):]:
+        ax.set_visible(False)
+    if len(slices):
+        axes[0].legend(fontsize=7, loc="lower left")
+    fig.suptitle("AUC by slice (label, then rows)", fontsize=11)
+    return fig
+
+
+def plot_calibration(table: pl.DataFrame, title: str = "Reliability diagram") -> Figure:
+    """Label rate against mean prediction per bin (marker area ~ rows), and the rows per bin."""
+    fig = _figure(5.5, 5.5)
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    predicted, observed, rows = (table[c].to_numpy() for c in ("mean_prediction", "label_rate", "rows"))
+    top.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
+    top.plot(predicted, observed, marker="o", color="tab:blue", label="model: observed click rate")
+    top.scatter(predicted, observed, s=20 + 300 * rows / max(rows.max(), 1), color="tab:blue", alpha=0.3)
+    if "mean_p_true" in table.columns:
+        top.plot(predicted, table["mean_p_true"].to_numpy(), marker="x", color="black", linestyle="--",
+                 label="true click probability (oracle)")
+    top.set_ylabel("click rate")
+    top.set_ylim(0, 1)
+    top.legend(fontsize=8, loc="upper left")
+    top.set_title(title, fontsize=11)
+    widths = (table["upper"] - table["lower"]).to_numpy()
+    bottom.bar(table["lower"].to_numpy(), rows, width=widths, align="edge", color="tab:grey",
+               edgecolor="white")
+    bottom.set_ylabel("rows")
+    bottom.set_xlabel("predicted click probability")
+    bottom.set_xlim(0, 1)
+    return fig
+
+
+def plot_score_histograms(frame: pl.DataFrame, bins: int = 40) -> Figure:
+    """Prediction histograms of clicked and non-clicked rows (and of p_true, when known)."""
+    columns = [("prediction", "model prediction")] + ([("p_true", "true probability (oracle)")]
+                                                       if "p_true" in frame.columns else [])
+    fig = _figure(5.0 * len(columns), 3.4)
+    axes = np.atleast_1d(fig.subplots(1, len(columns), squeeze=False)).ravel()
+    edges = np.linspace(0, 1, bins + 1)
+    labels = frame["label"].to_numpy()
+    for ax, (column, title) in zip(axes, columns, strict=True):
+        scores = frame[column].to_numpy()
+        for value, name, color in ((0, "not clicked", "tab:blue"), (1, "clicked", "tab:orange")):
+            chosen = scores[labels == value]
+            ax.hist(chosen, bins=edges, density=True, alpha=0.55, color=color,
+                    label=f"{name} ({chosen.size} rows)")
+        ax.set_title(title, fontsize=11)
+        ax.set_xlabel("probability")
+        ax.set_ylabel("density")
+        ax.legend(fontsize=8)
+    return fig
+
+
+def _short(text: str | None, fallback: str, width: int = 28) -> str:
+    text = fallback if text is None or text == "" else text
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def plot_attention(attention: pl.DataFrame | None) -> Figure:
+    """Attention weight of each history item (rows, most recent at the bottom), one panel per target.
+
+    Orange bars: the history item shares a tag with the target; red: it is the target itself.
+    """
+    if attention is None or attention.height == 0:
+        fig = _figure(5, 1.5)
+        ax = fig.subplots()
+        ax.text(0.5, 0.5, "this model has no target attention", ha="center", va="center")
+        ax.set_axis_off()
+        return fig
+    targets = attention["target_item"].unique(maintain_order=True).to_list()
+    first = attention.filter(pl.col("target_item") == targets[0]).sort("slot")
+    slots = first.height
+    fig = _figure(2.2 + 2.6 * len(targets), 1.2 + 0.22 * slots)
+    axes = np.atleast_1d(fig.subplots(1, len(targets), sharex=True, sharey=True, squeeze=False)).ravel()
+    names = [f"{_short(t, str(i))} · {i}" for t, i in zip(first["title"], first["item_id"], strict=True)]
+    for ax, target in zip(axes, targets, strict=True):
+        part = attention.filter(pl.col("target_item") == target).sort("slot")
+        colors = np.where(part["shares_tag"].to_numpy(), "tab:orange", "tab:blue")
+        colors[part["item_id"].to_numpy() == target] = "tab:red"
+        ax.barh(part["slot"].to_numpy(), part["weight"].to_numpy(), color=colors)
+        label = part["label"][0]
+        outcome = "" if label is None else (" clicked" if label == 1 else " not clicked")
+        ax.set_title(f"target: {_short(part['target_title'][0], str(target), 22)}\n"
+                     f"p={part['prediction'][0]:.3f}{outcome}", fontsize=8)
+        ax.set_xlabel("attention weight", fontsize=8)
+        ax.tick_params(axis="x", labelsize=7)
+    axes[0].set_yticks(np.arange(slots), names, fontsize=7)
+    axes[0].invert_yaxis()  # oldest at the top, most recent at the bottom
+    axes[0].set_ylabel("history (oldest at the top)", fontsize=8)
+    fig.suptitle("ASTA attention over one user's history (orange: shares a tag with the target; red: is the "
+                 "target)", fontsize=10)
+    return fig
+
+
+def plot_learning_curves(curves: pl.DataFrame) -> Figure:
+    """Train loss and valid logloss, valid AUC (best marked), and learning rate, against the step."""
+    fig = _figure(13, 3.4)
+    loss_ax, auc_ax, lr_ax = fig.subplots(1, 3)
+    steps = curves["step"].to_numpy()
+    if "train_loss" in curves.columns:
+        loss_ax.plot(steps, curves["train_loss"].to_numpy(), marker="o", label="train loss")
+    if "valid_logloss" in curves.columns:
+        loss_ax.plot(steps, curves["valid_logloss"].to_numpy(), marker="o", label="valid logloss")
+    loss_ax.set_title("loss", fontsize=11)
+    loss_ax.legend(fontsize=8)
+    values = curves["valid_auc"].to_numpy()
+    auc_ax.plot(steps, values, marker="o", color="tab:green")
+    if np.isfinite(values).any():
+        best = int(np.nanargmax(values))
+        auc_ax.scatter([steps[best]], [values[best]], s=120, facecolors="none", edgecolors="tab:red",
+                       label=f"best {values[best]:.4f} (step {steps[best]})", zorder=3)
+        auc_ax.legend(fontsize=8)
+    auc_ax.set_title("valid AUC", fontsize=11)
+    if "lr" in curves.columns:
+        lr_ax.plot(steps, curves["lr"].to_numpy(), marker="o", color="tab:purple")
+        lr_ax.set_yscale("log")
+    lr_ax.set_title("learning rate", fontsize=11)
+    for ax in (loss_ax, auc_ax, lr_ax):
+        ax.set_xlabel("step")
+    return fig
