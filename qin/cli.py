@@ -50,7 +50,8 @@ def _progress(requested: bool = True) -> bool:
     return requested and not console.quiet
 
 ConfigOption = Annotated[list[Path] | None, typer.Option(
-    "--config", "-c", help="YAML config (default qin.yaml). Repeat to layer: each later file sets the keys "
+    "--config", "-c", help="YAML config (default qin.yaml; qin.yaml and configs/*.yaml fall back to the "
+                           "copies installed with qin). Repeat to layer: each later file sets the keys "
                            "written in it, e.g. -c configs/din.yaml -c configs/budget.yaml.")]
 SetOption = Annotated[list[str] | None,
                       typer.Option("--set", help="Override, e.g. --set train.learning_rate=1e-3.")]
@@ -84,7 +85,9 @@ def _say_error(message: str) -> None:
 
 def _load_config(config: list[Path] | None, overrides: list[str] | None,
                  default: Path = Path("qin.yaml")) -> Config:
-    return Config.from_yaml(config or [default], overrides or [])
+    from qin.packaged import config_path
+
+    return Config.from_yaml([config_path(path) for path in config or [default]], overrides or [])
 
 
 def _run_dir_or_latest(run: Path | None, config: Config | None = None) -> Path:

@@ -149,8 +149,10 @@ def test_the_pipeline_runs_from_an_empty_folder(venv, tmp_path):
     sets = [arg for change in ["data.raw_dir=data/MicroLens_1M_x1", "data.max_len=16", *SMALL_MODEL,
                                "train.epochs=1", "train.batch_size=512", "train.eval_batch_size=4096",
                                "train.device=cpu", "train.threads=1"] for arg in ("--set", change)]
-    run([qin, "preprocess", "-c", config, *sets], work, env)
-    run([qin, "train", "-c", config, *sets, "--run-dir", "runs/tiny", "--no-progress"], work, env)
+    assert Path(config).is_file()
+    # `-c qin.yaml` from a folder without one: the installed copy is used.
+    run([qin, "preprocess", "-c", "qin.yaml", *sets], work, env)
+    run([qin, "train", "-c", "qin.yaml", *sets, "--run-dir", "runs/tiny", "--no-progress"], work, env)
     assert (work / "runs" / "tiny" / "best.pt").is_file()
     submission = Path(run([qin, "predict", "--run", "runs/tiny"], work, env).strip().splitlines()[-1])
     assert (work / submission).is_file() and (work / submission).read_text().startswith("ID,")

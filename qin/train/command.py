@@ -16,6 +16,7 @@ from qin.config import Config
 from qin.errors import QinError
 from qin.features.io import load_features
 from qin.features.pipeline import build_features_for, feature_dir_of
+from qin.packaged import config_path
 from qin.runs import RunLock, load_checkpoint, new_run_dir, prepare_run_dir, remove_unstarted_run
 from qin.runtime import resolve_device
 from qin.train.loop import fit
@@ -35,7 +36,7 @@ def train_command(config: list[Path] | None, overrides: list[str], run_dir: Path
     # Without -c a resumed run's own config.yaml is the config (no qin.yaml needed in the current folder).
     source = config or [resume / "config.yaml" if resume is not None else DEFAULT_CONFIG]
     # Paths become absolute before config.yaml is written, so a run resumes or predicts from any folder.
-    cfg = Config.from_yaml(source, overrides).with_absolute_paths()
+    cfg = Config.from_yaml([config_path(path) for path in source], overrides).with_absolute_paths()
     if dist.world_size == 1:
         resolve_device(cfg.train.device)  # no GPU for train.device=cuda: say so before preprocessing
     run_dir = resume if resume is not None else run_dir
