@@ -2,7 +2,8 @@
 
 Trains every model on the same generated data set with the same budget (the common budget,
 `configs/budget.yaml`, with only `model.name` changed), scores the validation split and puts the
-generator's oracle AUC of the same rows beside it. Writes benchmarks/results/quality_<size>.json
+generator's oracle AUC of the same rows beside it, with GAUC (per-user AUC; the oracle's too), normalised
+entropy and calibration ratio (qin/metrics.py). Writes benchmarks/results/quality_<size>.json
 and prints a markdown table for the README.
 
     python benchmarks/quality.py [--size small] [--models qin din ...] [--set train.epochs=8] [--true-latents]
@@ -31,7 +32,7 @@ from qin.config import Config, ModelName
 from qin.features.io import load_features
 from qin.features.pipeline import build_features, feature_dir_for
 from qin.predict import evaluate_run, load_run
-from qin.synth import DEFAULT_PARAMS, SynthSize, _synthesize, params_with
+from qin.synth import DEFAULT_PARAMS, SynthSize, params_with, synthesize
 from qin.train import fit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,8 +82,8 @@ def main() -> None:
     meta_path = data_root / "hidden" / "meta.json"
     # Regenerate when the data were drawn by other generator parameters (an older qin.synth).
     if not meta_path.is_file() or json.loads(meta_path.read_text())["params"] != current_params:
-        _synthesize(data_root, SynthSize(args.size), seed=0, test_label=False, images=False, progress=True,
-                    prm=params)
+        synthesize(data_root, SynthSize(args.size), seed=0, test_label=False, images=False, progress=True,
+                   params=params)
     meta = json.loads(meta_path.read_text())
     overrides = [f"data.raw_dir={data_root / 'MicroLens_1M_x1'}", f"data.features_root={work / 'features'}",
                  f"train.run_root={work / 'runs'}", *args.overrides]
@@ -103,7 +104,10 @@ def main() -> None:
         fit(cfg, features, run_dir, console=console, progress=False)
         evaluation = evaluate_run(load_run(run_dir), data_root / "hidden")
         row = {"model": name, "valid_auc": evaluation["auc"], "oracle_auc": evaluation["oracle_auc"],
-               "valid_logloss": evaluation["logloss"], "seconds": round(time.perf_counter() - started, 1),
+               "valid_logloss": evaluation["logloss"], "valid_gauc": evaluation["gauc"],
+               "oracle_gauc": evaluation["oracle_gauc"], "valid_ne": evaluation["ne"],
+               "oracle_ne": evaluation["oracle_ne"], "valid_calibration": evaluation["calibration"],
+               "seconds": round(time.perf_counter() - started, 1),
                "parameters": sum(p.numel() for p in load_run(run_dir).model.parameters())}
         rows.append(row)
         console.print(row)
@@ -114,12 +118,14 @@ def main() -> None:
     (RESULTS / f"quality_{args.size}{args.tag}.json").write_text(json.dumps(record, indent=2, default=str))
     popularity = meta["auc"]["popularity_valid"]
     print(f"mm_normalize={base.data.mm_normalize.value}, popularity alone {popularity:.4f}")
-    print("| model | valid AUC | oracle AUC | % of oracle | params | train+eval s |")
-    print("|---|---|---|---|---|---|")
+    print("| model | valid AUC | oracle AUC | % of oracle | valid GAUC | oracle GAUC | NE | calibration "
+          "| params | train+eval s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         share = 100 * row["valid_auc"] / row["oracle_auc"]
         print(f"| {row['model']} | {row['valid_auc']:.4f} | {row['oracle_auc']:.4f} | {share:.1f}% | "
-              f"{row['parameters']:,} | {row['seconds']} |")
+              f"{row['valid_gauc']:.4f} | {row['oracle_gauc']:.4f} | {row['valid_ne']:.4f} | "
+              f"{row['valid_calibration']:.3f} | {row['parameters']:,} | {row['seconds']} |")
 
 
 if __name__ == "__main__":

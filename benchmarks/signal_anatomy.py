@@ -28,17 +28,11 @@ from qin.synth import (
     DEFAULT_PARAMS,
     SIZES,
     SynthSize,
-    _bisect_beta0,
-    _history_slots,
-    _make_items,
-    _make_rows,
-    _make_users,
-    _rng,
-    _sigmoid,
-    _signals,
-    _split_users,
+    draw_synth,
     expected_auc,
+    history_slots,
     params_with,
+    signals,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -53,16 +47,12 @@ def main() -> None:
     args = parser.parse_args()
     size, prm = SynthSize(args.size), params_with(args.param)
     spec = SIZES[size]
-    # The same calls, in the same order, as qin.synth._build: the rows are those of `qin synth`.
-    items = _make_items(spec, prm, args.seed, size)
-    split_users = _split_users(spec)
-    users = _make_users(int(split_users[2][-1]) + 1, items, spec, prm, args.seed, size)
-    rows = _make_rows(spec, users, items, prm, args.seed, size, split_users)
-    p_true = _sigmoid(rows.f_raw + _bisect_beta0(rows.f_raw, prm.target_rate))
-    y = (_rng(args.seed, size, "labels").random(p_true.size) < p_true).astype(np.float64)
+    # The rows and labels `qin synth` writes (synthesize draws them by the same code as draw_synth).
+    drawn = draw_synth(size, args.seed, prm)
+    items, users, rows, p_true, y = drawn.items, drawn.users, drawn.rows, drawn.p_true, drawn.labels
 
     q = items.quality[rows.item]
-    parts = {  # each term of f exactly as qin.synth._raw_logit adds it
+    parts = {  # each term of f exactly as the generator's logit adds it (qin/synth/rows.py)
         "s_att": prm.w_att * rows.s_att,
         "s_att*q": prm.w_att_q * rows.s_att * q,
         "s_tag*q": prm.w_tag_q * rows.s_tag * q,
@@ -84,8 +74,8 @@ def main() -> None:
     # No model here sees slot positions (the reference has no positional encoding), so the recency term
     # of the generator's attention is out of every model's reach: score f with that term switched off.
     no_recency = np.concatenate([
-        _signals(rows.user[lo:lo + spec.chunk_rows], rows.item[lo:lo + spec.chunk_rows], users, items,
-                 dataclasses.replace(prm, gamma=0.0))[0]
+        signals(rows.user[lo:lo + spec.chunk_rows], rows.item[lo:lo + spec.chunk_rows], users, items,
+                dataclasses.replace(prm, gamma=0.0))[0]
         for lo in range(0, rows.user.size, spec.chunk_rows)])
     attention_weight = prm.w_att + prm.w_att_q * q
     f_position_free = f + attention_weight * (no_recency - rows.s_att)
@@ -99,18 +89,18 @@ def main() -> None:
 
     # The best ADDITIVE model of the true signals, refitted: logistic regression on train rows over the
     # signals (no products), scored on valid + test. Against the same fit with the two products added.
-    signals = np.column_stack([rows.s_att, rows.s_tag, rows.s_rep, q, items.pop_z[rows.item],
+    true_signals = np.column_stack([rows.s_att, rows.s_tag, rows.s_rep, q, items.pop_z[rows.item],
                                users.bias[rows.user], items.w_item[rows.item]])
-    with_crosses = np.column_stack([signals, rows.s_att * q, rows.s_tag * q])
+    with_crosses = np.column_stack([true_signals, rows.s_att * q, rows.s_tag * q])
     train, held_out = rows.split == 0, rows.split > 0
-    for name, x in (("additive fit of all signals (train -> valid+test)", signals),
+    for name, x in (("additive fit of all signals (train -> valid+test)", true_signals),
                     ("same fit with the two products", with_crosses)):
         fit = LogisticRegression(C=1e4, max_iter=2000).fit(x[train], y[train])
         table.append((name, expected_auc(p_true[held_out], fit.decision_function(x[held_out]))))
     # What attention is worth over mean pooling, with perfect item vectors: the same fit with s_att replaced
     # by the mean-pooled match <v_t, mean_j v_hj> (what a model that averages the history can compute
     # linearly), and with its square and the history length added (some of what an MLP can do with it).
-    slots = _history_slots(rows.user, rows.item, users, items)
+    slots = history_slots(rows.user, rows.item, users, items)
     mean_match = np.add.reduceat(slots.sim, slots.starts) / users.hist_len[rows.user]  # (n,)
     other = [rows.s_tag, rows.s_rep, q, items.pop_z[rows.item], users.bias[rows.user],
              items.w_item[rows.item], rows.s_tag * q]

@@ -4,21 +4,37 @@ A YAML file has up to three sections (`data`, `model`, `train`) and an optional 
 another YAML file (relative to this one) whose values it overrides, so variants in `configs/` are
 small diffs over `qin.yaml`. Unknown keys and wrongly typed values are errors that name the key
 (`train.learnig_rate`), never silently ignored: FuxiCTR's flat `**kwargs` dict swallowed typos.
+
+The sections are pydantic models whose field types and bounds are the one statement of what a valid
+config is: pydantic checks a config against them, and `Config.json_schema()` turns them into
+docs/qin.schema.json, so that an editor can check qin.yaml as it is typed. pydantic reports problems
+over several lines; `_one_line` makes the first one qin's `<source>: <section>.<key> <problem>`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import enum
+import json
 import math
 import types
 import typing
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
+from pydantic import (
+    AllowInfNan,
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
 
 from qin.errors import QinError
 
@@ -69,136 +85,183 @@ class LevelZero(str, enum.Enum):  # noqa: UP042 - the (str, Enum) form is the ag
 
 
 class DeviceChoice(str, enum.Enum):  # noqa: UP042 - the (str, Enum) form is the agreed public API
+    """Where training runs."""
+
     auto = "auto"  # CUDA when present, else CPU
     cpu = "cpu"
     cuda = "cuda"
 
 
-@dataclass(frozen=True)
-class DataConfig:
+# Value types. Strict, because YAML is loose: `true` is not the int 1, `2.5` is not the int 2, `1` is
+# not the bool true, and a path written `2024` is not text unless quoted (--set keeps it text, see
+# `_apply_override`). A float field takes ints and numeric text (see `_Section._floats_from_text`) but
+# never NaN or inf: NaN would pass every bound, since each comparison with it is False.
+Real = Annotated[float, Strict(), AllowInfNan(False)]
+Widths = Annotated[list[Annotated[StrictInt, Field(ge=1)]], Field(min_length=1)]  # layer widths of an MLP
+
+
+class _Section(BaseModel):
+    # frozen: a config is stored in checkpoints and compared on resume, so it never changes in place
+    # (`Config.replace` makes a validated copy). extra="forbid": a misspelt key is an error, not ignored.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _floats_from_text(cls, values: Any) -> Any:
+        """PyYAML reads YAML 1.1, in which `1e-3` (no dot) is the string '1e-3': a float field takes such
+        text as the number it spells. Only float fields: a path written `2024` stays a type error."""
+        if not isinstance(values, dict):
+            return values  # pydantic says "must be a mapping"
+        floats = {name for name, info in cls.model_fields.items() if float in _types_in(info.annotation)}
+        return {key: _as_float(value) if key in floats else value for key, value in values.items()}
+
+
+class DataConfig(_Section):
     """Where the raw challenge files are and how features are cut."""
 
-    raw_dir: str = "data/MicroLens_1M_x1"  # train/valid/test/item_info parquet files
-    item_info: str | None = None  # alternative item table (same schema) in place of raw_dir/item_info.parquet
-    features_root: str = "features"  # `qin preprocess` writes <features_root>/<name>/
-    max_len: int = 64  # most recent history items kept per row
-    # Scaling of item_emb_d128 at load time (the feature folder keeps the raw values). Quadratic towers
-    # multiply their inputs, so an input scale of several units slows their training badly; see README.
-    mm_normalize: MMNormalize = MMNormalize.none
+    raw_dir: StrictStr = Field(
+        "data/MicroLens_1M_x1",
+        description="Folder with the challenge's train/valid/test/item_info parquet files (MicroLens_1M_x1).")
+    item_info: StrictStr | None = Field(
+        None, description="Another item table (same schema, e.g. from `qin embed`) used in place of "
+                          "raw_dir/item_info.parquet; null = raw_dir's own.")
+    features_root: StrictStr = Field(
+        "features", description="`qin preprocess` writes <features_root>/<name>/.")
+    max_len: StrictInt = Field(
+        64, ge=1, description="Most recent history items kept per row (the reference's item_seq[:, -64:]).")
+    mm_normalize: MMNormalize = Field(
+        MMNormalize.none,
+        description="Scaling of item_emb_d128 at load time (the feature folder keeps the raw values): none = "
+                    "as stored (the reference) | l2 = each item's vector to unit norm. Quadratic towers "
+                    "multiply their inputs, so an input scale of several units slows their training badly; "
+                    "see README.")
 
-    def __post_init__(self) -> None:
-        if self.max_len < 1:
-            raise QinError(f"data.max_len must be >= 1, got {self.max_len}")
 
-
-@dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_Section):
     """Architecture. The defaults are QIN_variety_v9 as published (model.md section 4)."""
 
-    name: ModelName = ModelName.qin
-    embedding_dim: int = 128  # every field's embedding width (item vector = 3x this)
-    num_layers: int = 4  # quadratic (or MLP) tower depth
-    num_row: int = 4  # R: rows of the Khatri-Rao product per layer
-    num_heads: int = 1  # QNN-alpha heads (H); QIN's own tower has none
-    net_dropout: float = 0.1
-    batch_norm: bool = True
-    attention_dim: int | None = None  # ASTA width; None = 2 x item vector width (768 in the reference)
-    mlp_hidden: list[int] = field(default_factory=lambda: [1024, 512, 256])  # DIN DNN and the MLP ablation
-    din_attention_hidden: list[int] = field(default_factory=lambda: [512, 256])
-    din_attention_dropout: float = 0.1
-    # Runtime, not math: compute item vectors / key-value projections once per unique item in the
-    # batch (fast) or once per history slot (the reference's way). Both give the same logits.
-    unique_items: bool = True
-    bce: BCEForm = BCEForm.probabilities  # the reference's loss form; `logits` is the stable one
-    level_zero: LevelZero = LevelZero.padding  # the reference maps raw level 0 to the untrained zero row
-    # QNN-alpha only, not the published math: per-field LayerNorm (GroupNorm) on the tower input and
-    # BatchNorm after each Khatri-Rao product (QIN's place), so the degree-2^L tower stays bounded
-    # when ASTA's unnormalised output p is large. False = the published tower.
-    qnn_alpha_bounded: bool = False
+    name: ModelName = Field(
+        ModelName.qin,
+        description="The model to build: qin (the published QIN) | qin_softmax, qin_no_asta, qin_mlp, "
+                    "qin_no_prelu (ablations) | qnn_alpha | din (the organisers' baseline) | mean_pool_mlp | "
+                    "qin_plus.")
+    embedding_dim: StrictInt = Field(
+        128, ge=1, description="Every field's embedding width; an item vector is 3x this (id, tags, "
+                               "multimodal).")
+    num_layers: StrictInt = Field(4, ge=1, description="Quadratic (or MLP) tower depth.")
+    num_row: StrictInt = Field(
+        4, ge=1, description="R: rows of the Khatri-Rao product per layer; the README notes 3 as the stable "
+                             "fallback.")
+    num_heads: StrictInt = Field(
+        1, ge=1, description="QNN-alpha heads (H); must divide embedding_dim. QIN's own tower has none.")
+    net_dropout: Real = Field(
+        0.1, ge=0, lt=1, description="Dropout on the tower's linear branch and after its activation.")
+    batch_norm: StrictBool = Field(True, description="BatchNorm1d after each Khatri-Rao product.")
+    attention_dim: StrictInt | None = Field(
+        None, ge=1, description="ASTA width; null = 2 x the item vector width (768 in the reference).")
+    mlp_hidden: Widths = Field(
+        [1024, 512, 256], description="Layer widths of DIN's DNN and the MLP ablation.")
+    din_attention_hidden: Widths = Field([512, 256], description="Layer widths of DIN's attention MLP.")
+    din_attention_dropout: Real = Field(0.1, ge=0, lt=1, description="DIN's attention dropout.")
+    unique_items: StrictBool = Field(
+        True, description="Runtime, not math: compute item vectors and key/value projections once per "
+                          "unique item in the batch (fast) or once per history slot (the reference's way). "
+                          "Both give the same logits.")
+    bce: BCEForm = Field(
+        BCEForm.probabilities,
+        description="probabilities = the reference: BCE of the float32 sigmoid, whose logs clamp at -100, so "
+                    "saturated rows get no gradient | logits = the stable BCE-with-logits.")
+    level_zero: LevelZero = Field(
+        LevelZero.padding,
+        description="padding = the reference: raw likes/views level 0 reads the zero padding row, never "
+                    "trained | embedded = level 0 trains a row of its own.")
+    qnn_alpha_bounded: StrictBool = Field(
+        False, description="qnn_alpha only, not the published math: per-field LayerNorm (GroupNorm) on the "
+                           "tower input and BatchNorm after each Khatri-Rao product (QIN's place), so the "
+                           "degree-2^L tower stays bounded when ASTA's unnormalised output is large. false = "
+                           "the published tower.")
 
-    def __post_init__(self) -> None:
-        positive = {"embedding_dim": self.embedding_dim, "num_layers": self.num_layers,
-                    "num_row": self.num_row, "num_heads": self.num_heads}
-        for key, value in positive.items():
-            if value < 1:
-                raise QinError(f"model.{key} must be >= 1, got {value}")
-        for key, value in {"net_dropout": self.net_dropout,
-                           "din_attention_dropout": self.din_attention_dropout}.items():
-            if not 0.0 <= value < 1.0:
-                raise QinError(f"model.{key} must be in [0, 1), got {value}")
-        if self.attention_dim is not None and self.attention_dim < 1:
-            raise QinError(f"model.attention_dim must be >= 1 or null, got {self.attention_dim}")
-        if not self.mlp_hidden or not self.din_attention_hidden:
-            raise QinError("model.mlp_hidden and model.din_attention_hidden need at least one width")
-        if any(width < 1 for width in self.mlp_hidden + self.din_attention_hidden):
-            raise QinError("model.mlp_hidden and model.din_attention_hidden need positive widths")
+    @model_validator(mode="after")
+    def _heads_divide_embedding(self) -> ModelConfig:
         if self.embedding_dim % self.num_heads:
-            raise QinError(f"model.num_heads ({self.num_heads}) must divide model.embedding_dim "
-                           f"({self.embedding_dim}): QNN-alpha slices every field embedding into heads")
+            raise _Invalid("num_heads", f"({self.num_heads}) must divide model.embedding_dim "
+                                        f"({self.embedding_dim}): QNN-alpha slices every field embedding "
+                                        f"into heads")
+        return self
 
 
-@dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Section):
     """Optimisation and the FuxiCTR-style loop (model.md section 5)."""
 
-    learning_rate: float = 2e-3
-    batch_size: int = 8192
-    embedding_regularizer: float = 2e-4  # lambda: adds lambda/2 * ||W||^2 for the embedding module
-    regularization: Regularization = Regularization.full
-    net_regularizer: float = 0.0  # lambda/2 * ||W||^2 over the non-embedding weights
-    epochs: int = 100  # upper bound; early stopping usually ends sooner
-    patience: int = 8  # consecutive non-improving evaluations before stopping
-    lr_decay_factor: float = 0.5  # LR multiplied by this on a non-improving evaluation
-    min_lr: float = 1e-6
-    min_delta: float = 1e-6  # an evaluation improves when AUC >= best + min_delta
-    max_grad_norm: float = 10.0
-    warmup_steps: int = 0  # linear LR ramp over the first N optimizer steps (0 = none, the reference)
-    eval_steps: int | None = None  # evaluate every N steps; None = once per epoch
-    eval_batch_size: int = 8192  # ASTA gathers (B, L, A) keys and values: 65536 rows would need ~26 GB on CPU
-    seed: int = 20242025
-    device: DeviceChoice = DeviceChoice.auto
-    bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
-    compile: bool = False  # torch.compile the model (CUDA only)
-    threads: int | None = None  # torch CPU threads; None = torch's default
-    max_steps: int | None = None  # stop after this many optimizer steps (benchmarks, smoke runs)
-    # A step loss above this means the run diverged: stop with an error rather than train on garbage.
-    # BCE at chance is 0.69 and the reference's clamped BCE costs at most 100 per row (QNN-alpha's
-    # self-ensemble sums three such terms); null = no limit (NaN and inf always stop a run).
-    max_loss: float | None = 1000.0
-    run_root: str = "runs"  # runs go to <run_root>/<run name>/
+    learning_rate: Real = Field(2e-3, gt=0, description="Adam's learning rate (torch defaults otherwise).")
+    batch_size: StrictInt = Field(
+        8192, ge=1, description="Rows per training step; the last, smaller batch of an epoch is kept.")
+    embedding_regularizer: Real = Field(
+        2e-4, ge=0, description="lambda: adds lambda/2 * ||W||^2 of every embedding table and W_mm.")
+    regularization: Regularization = Field(
+        Regularization.full,
+        description="full = the reference: the embedding L2 term over the whole tables every step | batch = "
+                    "only the rows used in the batch (plus W_mm): cheaper, different math.")
+    net_regularizer: Real = Field(0.0, ge=0, description="lambda/2 * ||W||^2 over the non-embedding weights.")
+    epochs: StrictInt = Field(
+        100, ge=1, description="Upper bound; early stopping usually ends the run sooner.")
+    patience: StrictInt = Field(8, ge=1, description="Consecutive non-improving evaluations before stopping.")
+    lr_decay_factor: Real = Field(
+        0.5, gt=0, le=1, description="The learning rate is multiplied by this after each non-improving "
+                                     "evaluation.")
+    min_lr: Real = Field(1e-6, ge=0, description="Learning-rate floor; must not exceed learning_rate.")
+    min_delta: Real = Field(1e-6, ge=0, description="An evaluation improves when AUC >= best + min_delta.")
+    max_grad_norm: Real = Field(10.0, ge=0, description="Gradient-norm clipping.")
+    warmup_steps: StrictInt = Field(
+        0, ge=0, description="Linear learning-rate ramp over the first N optimizer steps (0 = none, the "
+                             "reference).")
+    eval_steps: StrictInt | None = Field(
+        None, ge=1, description="Evaluate every N steps; null = once per epoch.")
+    eval_batch_size: StrictInt = Field(
+        8192, ge=1, description="Rows per forward pass when scoring. ASTA gathers (B, L, A) keys and values: "
+                                "65536 rows would need ~26 GB on CPU.")
+    # torch.manual_seed takes a 64-bit integer.
+    seed: StrictInt = Field(20242025, ge=-(2**63), le=2**63 - 1, description="Random seed (the reference's).")
+    device: DeviceChoice = Field(
+        DeviceChoice.auto, description="auto = CUDA when present, else CPU | cpu | cuda.")
+    bf16: StrictBool = Field(True, description="bf16 autocast on CUDA (ignored on CPU).")
+    compile: StrictBool = Field(False, description="torch.compile the model (CUDA only).")
+    threads: StrictInt | None = Field(None, ge=1, description="Torch CPU threads; null = torch's default.")
+    max_steps: StrictInt | None = Field(
+        None, ge=1, description="Stop after this many optimizer steps (benchmarks, smoke runs); null = none.")
+    max_loss: Real | None = Field(
+        1000.0, gt=0,
+        description="A step loss above this means the run diverged: stop with an error rather than train "
+                    "on garbage. BCE at chance is 0.69 and the reference's clamped BCE costs at most 100 per "
+                    "row (QNN-alpha's self-ensemble sums three such terms); null = no limit (NaN and inf "
+                    "always stop a run).")
+    run_root: StrictStr = Field("runs", description="Runs go to <run_root>/<run name>/.")
 
-    def __post_init__(self) -> None:
-        if self.learning_rate <= 0:
-            raise QinError(f"train.learning_rate must be > 0, got {self.learning_rate}")
+    @model_validator(mode="after")
+    def _min_lr_within_learning_rate(self) -> TrainConfig:
         if self.min_lr > self.learning_rate:
-            raise QinError(f"train.min_lr ({self.min_lr:g}) must not exceed train.learning_rate "
-                           f"({self.learning_rate:g}): the plateau decay would raise the learning rate")
-        if not -(2**63) <= self.seed < 2**63:
-            raise QinError(f"train.seed must fit in 64 bits, got {self.seed}")
-        if self.threads is not None and self.threads < 1:
-            raise QinError(f"train.threads must be >= 1 or null (torch's default), got {self.threads}")
-        if self.max_loss is not None and self.max_loss <= 0:
-            raise QinError(f"train.max_loss must be > 0 or null, got {self.max_loss}")
-        for key in ("batch_size", "epochs", "patience", "eval_batch_size"):
-            if getattr(self, key) < 1:
-                raise QinError(f"train.{key} must be >= 1, got {getattr(self, key)}")
-        if not 0.0 < self.lr_decay_factor <= 1.0:
-            raise QinError(f"train.lr_decay_factor must be in (0, 1], got {self.lr_decay_factor}")
-        if self.eval_steps is not None and self.eval_steps < 1:
-            raise QinError(f"train.eval_steps must be >= 1 or null, got {self.eval_steps}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise QinError(f"train.max_steps must be >= 1 or null, got {self.max_steps}")
-        for key in ("embedding_regularizer", "net_regularizer", "min_lr", "max_grad_norm", "warmup_steps",
-                    "min_delta"):
-            if getattr(self, key) < 0:
-                raise QinError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+            raise _Invalid("min_lr", f"({self.min_lr:g}) must not exceed train.learning_rate "
+                                     f"({self.learning_rate:g}): the plateau decay would raise the learning "
+                                     f"rate")
+        return self
 
 
-@dataclass(frozen=True)
-class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+class Config(BaseModel):
+    """A qin config: its three sections."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, title="qin config")
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections(cls, raw: Any) -> Any:
+        """`train:` with nothing under it is YAML's null: the section's defaults, like leaving it out."""
+        if isinstance(raw, dict):
+            return {name: {} if values is None else values for name, values in raw.items()}
+        return raw
 
     @staticmethod
     def from_yaml(path: str | Path | Sequence[str | Path], overrides: list[str] | None = None) -> Config:
@@ -228,39 +291,57 @@ class Config:
                   overridden: frozenset[str] = frozenset()) -> Config:
         """Build and validate. An error about a key in `overridden` (e.g. "train.epochs") names --set,
         not `source`, as where the bad value came from."""
-        sections = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
-        unknown = set(raw) - set(sections)
-        if unknown:
-            raise QinError(f"{source}: unknown config section(s) {sorted(unknown)}; "
-                           f"expected {sorted(sections)}")
-        built = {}
-        for name, cls in sections.items():
-            values = raw.get(name) or {}
-            if not isinstance(values, dict):
-                raise QinError(f"{source}: section '{name}' must be a mapping, got {type(values).__name__}")
-            built[name] = _build_section(cls, values, prefix=name, source=source, overridden=overridden)
-        return Config(**built)
+        if not isinstance(raw, dict):
+            raise QinError(f"{source}: top level must be a mapping of sections")
+        try:
+            return Config.model_validate(raw)
+        except ValidationError as error:
+            raise _one_line(error, source, overridden) from error
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain YAML/JSON-safe dict (enums as their values); `from_dict` inverts it."""
-        return {name: _plain(dataclasses.asdict(getattr(self, name))) for name in ("data", "model", "train")}
+        """Plain YAML/JSON-safe dict (enums as their values), in field order; `from_dict` inverts it."""
+        return self.model_dump(mode="json")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def with_absolute_paths(self) -> Config:
         """A copy whose folder and file paths are absolute (resolved against the current folder)."""
-        data = dataclasses.replace(
-            self.data, raw_dir=_absolute(self.data.raw_dir), features_root=_absolute(self.data.features_root),
-            item_info=_absolute(self.data.item_info) if self.data.item_info is not None else None)
-        train = dataclasses.replace(self.train, run_root=_absolute(self.train.run_root))
-        return dataclasses.replace(self, data=data, train=train)
+        data = self.data.model_copy(update={
+            "raw_dir": _absolute(self.data.raw_dir), "features_root": _absolute(self.data.features_root),
+            "item_info": _absolute(self.data.item_info) if self.data.item_info is not None else None})
+        train = self.train.model_copy(update={"run_root": _absolute(self.train.run_root)})
+        return self.model_copy(update={"data": data, "train": train})
 
     def replace(self, section: str, **changes: Any) -> Config:
         """A copy with some fields of one section changed, converted and validated like YAML values."""
         raw = self.to_dict()
-        raw[section] = {**raw[section], **_plain(changes)}
+        raw[section] = {**raw[section], **changes}
         return Config.from_dict(raw, source="Config.replace")
+
+    @staticmethod
+    def json_schema() -> dict[str, Any]:
+        """The JSON schema of a config file: docs/qin.schema.json (`python -m qin.config` prints it)."""
+        schema = Config.model_json_schema()
+        # `base:` is read (and removed) before validation, so the models have no such field; a file may.
+        properties = {"base": {"type": "string", "title": "Base", "description": _BASE_HELP},
+                      **schema.pop("properties")}
+        rest = {key: value for key, value in schema.items() if key not in ("title", "description")}
+        return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": schema["title"],
+                "description": _SCHEMA_HELP, "properties": properties, **rest}
+
+
+_BASE_HELP = ("Another config file, relative to this one, whose values this file overrides section by "
+              "section (configs/*.yaml use `base: ../qin.yaml`).")
+_SCHEMA_HELP = (
+    "A qin config file: qin.yaml or a variant in configs/. Generated from qin/config.py by "
+    "`python -m qin.config > docs/qin.schema.json`; do not edit it by hand. To have an editor check a config "
+    "while you type (VS Code with the YAML extension, or any editor that runs yaml-language-server), make "
+    "this the file's first line, with the path relative to the YAML file: "
+    "`# yaml-language-server: $schema=docs/qin.schema.json` in qin.yaml, "
+    "`# yaml-language-server: $schema=../docs/qin.schema.json` in configs/*.yaml.")
+
+_SECTIONS: dict[str, type[_Section]] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
 
 
 PATH_KEYS = (("data", "raw_dir"), ("data", "features_root"), ("data", "item_info"), ("train", "run_root"))
@@ -279,16 +360,6 @@ def comparable(config: dict[str, Any]) -> dict[str, Any]:
         if isinstance(value, str):
             result[section][key] = _absolute(value)
     return result
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(item) for item in value]
-    return value
 
 
 def _read_yaml_with_base(path: Path, seen: tuple[Path, ...], follow_base: bool = True) -> dict[str, Any]:
@@ -359,72 +430,126 @@ def _apply_override(raw: dict[str, Any], item: str) -> str:
     return f"{section}.{name}"
 
 
+class _Invalid(ValueError):
+    """A rule over several fields broken, blamed on `key` (a field of the section being checked), so the
+    error names one key like every other config error."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key} {problem}")
+        self.key, self.problem = key, problem
+
+
+def _as_float(value: Any) -> Any:
+    """`value` as a float where it spells one; anything else (a bool, 'abc') is left for pydantic."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        return value
+    except OverflowError:  # an int beyond a float's range: refused as not finite
+        return math.inf
+
+
+def _types_in(hint: Any) -> set[Any]:
+    """The plain types an annotation allows: `Annotated[str, Strict()] | None` -> {str, NoneType}."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Annotated:
+        return _types_in(typing.get_args(hint)[0])
+    if origin in (typing.Union, types.UnionType):
+        return set().union(*(_types_in(option) for option in typing.get_args(hint)))
+    return {hint}
+
+
 def _is_text_field(section: str, name: str) -> bool:
     """Whether `section.name` is a str (or str | None) config field."""
-    cls = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}.get(section)
-    if cls is None or name not in {f.name for f in dataclasses.fields(cls)}:
-        return False
-    hint = typing.get_type_hints(cls)[name]
-    return hint is str or (typing.get_origin(hint) in (typing.Union, types.UnionType)
-                           and str in typing.get_args(hint))
+    info = _SECTIONS[section].model_fields.get(name) if section in _SECTIONS else None
+    return info is not None and str in _types_in(info.annotation)
 
 
-def _build_section(cls: type, values: dict[str, Any], prefix: str, source: str,
-                   overridden: frozenset[str] = frozenset()) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise QinError(f"{source}: unknown config key(s) {', '.join(f'{prefix}.{k}' for k in unknown)}; "
-                       f"valid keys of '{prefix}': {', '.join(sorted(names))}")
-    converted = {key: _convert(value, hints[key], f"{prefix}.{key}",
-                               "--set" if f"{prefix}.{key}" in overridden else source)
-                 for key, value in values.items()}
-    return cls(**converted)
+# pydantic's error types -> qin's words. Only the kinds the fields above can raise are named; any other
+# keeps pydantic's own message, still on one line after the key.
+_TYPE_NAMES = {"int_type": "int", "bool_type": "bool", "float_type": "float", "string_type": "str"}
+_BOUND_KINDS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
+_BOUND_SIGNS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+_INT64 = {"ge": -(2**63), "le": 2**63 - 1}
 
 
-def _convert(value: Any, hint: Any, key: str, source: str) -> Any:
-    """Check `value` against the annotation; ints are accepted for floats, '1e-3' strings too."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        (inner,) = [option for option in options if option is not type(None)]
-        return _convert(value, inner, key, source)
-    if origin is list:
-        (inner,) = typing.get_args(hint)
-        if not isinstance(value, list):
-            raise QinError(f"{source}: {key} must be a list, got {value!r}")
-        return [_convert(item, inner, key, source) for item in value]
-    if isinstance(hint, type) and issubclass(hint, enum.Enum):
-        try:
-            return hint(value)
-        except ValueError:
-            choices = ", ".join(member.value for member in hint)
-            raise QinError(f"{source}: {key} must be one of {choices}; got {value!r}") from None
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        number = None
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):
-            try:
-                number = float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string
-            except ValueError:
-                pass
-        if number is not None:
-            if not math.isfinite(number):  # NaN would slip past every `< 0` check below
-                raise QinError(f"{source}: {key} must be a finite number, got {value!r}")
-            return number
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-    else:
-        raise TypeError(f"config field {key} has unsupported annotation {hint!r}")
-    raise QinError(f"{source}: {key} must be {hint.__name__}, got {value!r} ({type(value).__name__})")
+def _one_line(error: ValidationError, source: str, overridden: frozenset[str]) -> QinError:
+    """The first problem pydantic found, as `<source>: <section>.<key> <problem>`.
+
+    Unknown sections, then unknown keys, are reported first and all together, naming `source`, since a
+    typo is best fixed in one go. Any other problem names --set when its key was given there.
+    """
+    problems = error.errors(include_url=False)
+    # "invalid_key": a key YAML read as something other than text (`1:`), so no field's name either.
+    extra = [problem["loc"] for problem in problems if problem["type"] in ("extra_forbidden", "invalid_key")]
+    sections = sorted(str(loc[0]) for loc in extra if len(loc) == 1)
+    if sections:
+        return QinError(f"{source}: unknown config section(s) {sections}; expected {sorted(_SECTIONS)}")
+    if extra:
+        section = extra[0][0]
+        keys = sorted(f"{section}.{loc[1]}" for loc in extra if loc[0] == section)
+        return QinError(f"{source}: unknown config key(s) {', '.join(keys)}; valid keys of '{section}': "
+                        f"{', '.join(sorted(_SECTIONS[section].model_fields))}")
+    problem = problems[0]
+    loc = problem["loc"]
+    if len(loc) == 1 and problem["type"] in ("model_type", "dict_type"):
+        got = type(problem["input"]).__name__
+        return QinError(f"{source}: section '{loc[0]}' must be a mapping, got {got}")
+    cause = problem.get("ctx", {}).get("error")
+    if isinstance(cause, _Invalid):  # a rule over several fields: blame the key it names
+        loc = (*loc, cause.key)
+    where = "--set" if ".".join(str(part) for part in loc[:2]) in overridden else source
+    key = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+    return QinError(f"{where}: {key} {_problem(problem, loc)}")
+
+
+def _problem(problem: Any, loc: tuple[Any, ...]) -> str:
+    """What is wrong with the value at `loc`, in the words qin's messages have always used."""
+    kind, value = problem["type"], problem.get("input")
+    section = _SECTIONS.get(loc[0])
+    info = section.model_fields.get(loc[1]) if section is not None and len(loc) > 1 else None
+    if kind in _TYPE_NAMES:
+        return f"must be {_TYPE_NAMES[kind]}, got {value!r} ({type(value).__name__})"
+    if kind == "list_type":
+        return f"must be a list, got {value!r}"
+    if kind == "enum" and info is not None:
+        (choices,) = [hint for hint in _types_in(info.annotation) if isinstance(hint, enum.EnumMeta)]
+        return f"must be one of {', '.join(member.value for member in choices)}; got {value!r}"
+    if kind == "finite_number":
+        return f"must be a finite number, got {value!r}"
+    if kind in _BOUND_KINDS:
+        if info is not None and len(loc) == 2:  # the field's whole range, not just the bound it broke
+            bounds = {name: getattr(item, name) for item in info.metadata for name in _BOUND_SIGNS
+                      if getattr(item, name, None) is not None}
+            nullable = type(None) in _types_in(info.annotation)
+        else:  # an item of a list
+            bounds, nullable = problem["ctx"], False
+        return f"must {_range(bounds)}{' or null' if nullable else ''}, got {value!r}"
+    if kind == "too_short":  # the only lists are MLP layer widths (`Widths`)
+        return f"needs at least one width, got {value!r}"
+    if isinstance(problem.get("ctx", {}).get("error"), _Invalid):
+        return problem["ctx"]["error"].problem
+    return f"is invalid: {problem['msg']}"
+
+
+def _range(bounds: dict[str, Any]) -> str:
+    """{"ge": 0, "lt": 1} -> "be in [0, 1)"; {"gt": 0} -> "be > 0"."""
+    if bounds == _INT64:
+        return "fit in 64 bits"
+    lower = {name: value for name, value in bounds.items() if name in ("ge", "gt")}
+    upper = {name: value for name, value in bounds.items() if name in ("le", "lt")}
+    if lower and upper:
+        ((low_name, low),), ((high_name, high),) = lower.items(), upper.items()
+        return f"be in {'[' if low_name == 'ge' else '('}{low:g}, {high:g}{']' if high_name == 'le' else ')'}"
+    return "be " + " and ".join(f"{_BOUND_SIGNS[name]} {value:g}" for name, value in bounds.items())
+
+
+def schema_json() -> str:
+    """docs/qin.schema.json's text."""
+    return json.dumps(Config.json_schema(), indent=2) + "\n"
+
+
+if __name__ == "__main__":  # python -m qin.config > docs/qin.schema.json
+    print(schema_json(), end="")

@@ -260,7 +260,7 @@ def test_cache_is_reused_across_fusion_and_dim(tiny_models, tmp_path, monkeypatc
     feature, info, _ = _write_items(tmp_path, 16)
     images = _write_images(tmp_path, list(range(1, 17)))
     calls = {"text": 0, "image": 0}
-    encode_texts, encode_images = embed._encode_texts, embed._encode_images
+    encode_texts, encode_images = embed.encode_texts, embed.encode_images
 
     def spy_texts(*args, **kwargs):
         calls["text"] += 1
@@ -271,8 +271,8 @@ def test_cache_is_reused_across_fusion_and_dim(tiny_models, tmp_path, monkeypatc
         return encode_images(*args, **kwargs)
 
     # embed_from_content (qin/embed/recipes.py) looks the encoders up in its own module: patch them there.
-    monkeypatch.setattr(recipes, "_encode_texts", spy_texts)
-    monkeypatch.setattr(recipes, "_encode_images", spy_images)
+    monkeypatch.setattr(recipes, "encode_texts", spy_texts)
+    monkeypatch.setattr(recipes, "encode_images", spy_images)
     common = {"text_model": bert, "image_model": clip, "cache_dir": tmp_path / "cache", "progress": False}
     first = embed_from_content(feature, info, images, tmp_path / "a.parquet", dim=8, **common)
     second = embed_from_content(feature, info, images, tmp_path / "b.parquet", dim=8, **common)
@@ -311,7 +311,7 @@ def test_dim_wider_than_the_fused_vectors_is_an_error(tiny_models, tmp_path):
 def test_shipped_minilm_places_same_topic_titles_closer():
     titles = ["cute kitten playing with yarn #cats", "my cat sleeps on the sofa",
               "football match highlights goal", None]
-    vectors = embed._encode_texts(embed.default_text_model(), titles, batch_size=4, progress=False, label="t")
+    vectors = embed.encode_texts(embed.default_text_model(), titles, batch_size=4, progress=False, label="t")
     assert vectors.shape == (4, 384)
     np.testing.assert_allclose(np.linalg.norm(vectors[:3], axis=1), 1.0, rtol=1e-5)
     assert not vectors[3].any()  # no title: zero vector, not encoded

@@ -75,7 +75,7 @@ def assert_grads_close(actual: torch.Tensor, expected: torch.Tensor, tolerance: 
 def tiny_cfg(name: ModelName, **changes) -> ModelConfig:
     base = ModelConfig(name=name, embedding_dim=8, num_layers=2, num_row=2, num_heads=2 if name ==
                        ModelName.qnn_alpha else 1, mlp_hidden=[16, 8], din_attention_hidden=[16, 8])
-    return dataclasses.replace(base, **changes)
+    return base.model_copy(update=changes)
 
 
 def tiny_model(name: ModelName, seed: int = 0, **changes):
@@ -120,7 +120,7 @@ def test_build_model_covers_every_name() -> None:
         assert type(model) is cls
         assert model(batch).shape == (batch.size,)
     with pytest.raises(ValueError, match="unknown model name"):
-        build_model(dataclasses.replace(tiny_cfg(ModelName.qin), name="qin_typo"), VOCAB, make_items())
+        build_model(tiny_cfg(ModelName.qin).model_copy(update={"name": "qin_typo"}), VOCAB, make_items())
 
 
 def test_init_follows_fuxictr() -> None:

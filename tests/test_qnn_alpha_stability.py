@@ -9,7 +9,6 @@ per row and puts a BatchNorm after each product (as QIN's tower does).
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 from collections.abc import Iterator
@@ -137,8 +136,8 @@ def train_losses(features_dir: Path, bounded: bool, steps: int = 40) -> tuple[li
     features = load_features(features_dir)
     items = item_tables_of(features)  # raw item_emb_d128, as in the reference (no mm_normalize)
     split = SplitTensors.from_arrays(features.split("train"))
-    cfg = dataclasses.replace(ModelConfig(name=ModelName.qnn_alpha, num_row=3, num_heads=2),
-                              embedding_dim=FIELD_DIM, qnn_alpha_bounded=bounded)
+    cfg = ModelConfig(name=ModelName.qnn_alpha, num_row=3, num_heads=2, embedding_dim=FIELD_DIM,
+                      qnn_alpha_bounded=bounded)
     torch.manual_seed(0)
     model = build_model(cfg, vocab_of(features), items).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)

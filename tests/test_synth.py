@@ -26,7 +26,7 @@ from qin.synth import (
     SIZES,
     SynthResult,
     SynthSize,
-    _synthesize,
+    draw_synth,
     expected_auc,
     params_with,
     synthesize,
@@ -247,6 +247,31 @@ def test_expected_auc_of_a_score_matches_brute_force(case: str) -> None:
     assert expected_auc(p, -p) == pytest.approx(1 - expected_auc(p), abs=1e-12)
 
 
+def test_draw_synth_is_what_synthesize_writes(tiny: SynthResult) -> None:
+    """The in-memory draw (what benchmarks/signal_anatomy.py reads) holds exactly the rows written."""
+    drawn = draw_synth(SynthSize.tiny, seed=0)
+    tr, va, te = drawn.rows_by_split
+    assert [i.size for i in drawn.rows_by_split] == [TINY.train_rows, TINY.valid_rows, TINY.test_rows]
+    data = tiny.data_dir / "MicroLens_1M_x1"
+    for name, idx in (("train", tr), ("valid", va), ("test", te)):
+        t = pq.read_table(data / f"{name}.parquet")
+        np.testing.assert_array_equal(t["item_id"].to_numpy(), drawn.rows.item[idx])
+        np.testing.assert_array_equal(t["user_id"].to_numpy(), drawn.users.user_id[drawn.rows.user[idx]])
+        if name != "test":
+            np.testing.assert_array_equal(t["label"].to_numpy(), drawn.labels[idx])
+    hidden = tiny.hidden_dir
+    np.testing.assert_array_equal(pq.read_table(hidden / "valid_truth.parquet")["p_true"].to_numpy(),
+                                  drawn.p_true[va])
+    test_truth = pq.read_table(hidden / "test_truth.parquet")
+    np.testing.assert_array_equal(test_truth["p_true"].to_numpy(), drawn.p_true[te])
+    np.testing.assert_array_equal(test_truth["label"].to_numpy(), drawn.labels[te])
+    assert drawn.beta0 == tiny.meta["beta0"]
+    with pytest.raises(QinError, match="seed must be an integer"):
+        draw_synth(SynthSize.tiny, seed=-1)
+    with pytest.raises(QinError, match="unknown size 'huge'"):
+        draw_synth("huge")
+
+
 def test_deterministic_per_seed(tiny: SynthResult, tmp_path: Path) -> None:
     again = synthesize(tmp_path / "a", SynthSize.tiny, seed=0, images=False, progress=False)
     other = synthesize(tmp_path / "b", SynthSize.tiny, seed=1, images=False, progress=False)
@@ -393,13 +418,13 @@ def test_files_added_during_the_run_are_found_before_the_install(tmp_path: Path,
     synthesize(out, SynthSize.tiny, seed=0, images=False, progress=False)
     from qin.synth import generate
 
-    real = generate._write_item_seq
+    real = generate.write_item_seq
 
     def and_the_user_adds_a_file(*args: object, **kwargs: object) -> object:
         (out / "MicroLens_1M_x1" / "late.parquet").write_bytes(b"added while qin ran")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("qin.synth.generate._write_item_seq", and_the_user_adds_a_file)
+    monkeypatch.setattr("qin.synth.generate.write_item_seq", and_the_user_adds_a_file)
     with pytest.raises(QinError, match="did not write: MicroLens_1M_x1/late.parquet;"):
         synthesize(out, SynthSize.tiny, seed=1, images=False, progress=False)
     assert (out / "MicroLens_1M_x1" / "late.parquet").read_bytes() == b"added while qin ran"
@@ -455,7 +480,7 @@ def _no_space(path: Path, *args: object) -> None:
 
 def test_os_errors_are_one_line_errors_and_leave_no_temp_folder(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("qin.synth.generate._write_item_seq", _no_space)
+    monkeypatch.setattr("qin.synth.generate.write_item_seq", _no_space)
     out = tmp_path / "data"
     with pytest.raises(QinError, match=r"item_seq.parquet: no space left on the device \(writing the synth"):
         synthesize(out, SynthSize.tiny, images=False, progress=False)
@@ -478,7 +503,7 @@ def test_an_os_error_without_a_file_name_names_the_output_folder(tmp_path: Path,
     def no_space_unnamed(*args: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("qin.synth.generate._write_item_seq", no_space_unnamed)
+    monkeypatch.setattr("qin.synth.generate.write_item_seq", no_space_unnamed)
     out = tmp_path / "data"
     with pytest.raises(QinError, match=f"^{out}: no space left on the device"):
         synthesize(out, SynthSize.tiny, images=False, progress=False)
@@ -493,7 +518,7 @@ def test_an_interrupt_is_not_converted_and_leaves_no_temp_folder(tmp_path: Path,
     def interrupted(*args: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("qin.synth.generate._write_item_seq", interrupted)
+    monkeypatch.setattr("qin.synth.generate.write_item_seq", interrupted)
     with pytest.raises(KeyboardInterrupt):
         synthesize(tmp_path / "data", SynthSize.tiny, images=False, progress=False)
     assert list(tmp_path.iterdir()) == []
@@ -528,8 +553,8 @@ def test_params_with_overrides_and_errors() -> None:
 
 def test_relu_attention_changes_only_the_labels(tiny: SynthResult, tmp_path: Path) -> None:
     """The ReLU-shaped s_att (a diagnostic) keeps every input file and redraws only the clicks."""
-    relu = _synthesize(tmp_path / "relu", SynthSize.tiny, seed=0, test_label=False, images=False,
-                       progress=False, prm=params_with(["attention=relu", "relu_scale=1.4"]))
+    relu = synthesize(tmp_path / "relu", SynthSize.tiny, seed=0, images=False, progress=False,
+                      params=params_with(["attention=relu", "relu_scale=1.4"]))
     assert relu.meta["params"]["attention"] == "relu"
     valid = "MicroLens_1M_x1/valid.parquet"
     features = ["user_id", "item_seq", "item_id", "likes_level", "views_level"]

@@ -20,10 +20,10 @@ Nothing here downloads: every ``from_pretrained`` gets ``local_files_only=True``
 from qin.embed.encoders import (
     CLIP_LIKE,
     DEFAULT_TEXT_NAME,
-    _encode_images,
-    _encode_texts,
     console,
     default_text_model,
+    encode_images,
+    encode_texts,
 )
 from qin.embed.nearest import neighbors
 from qin.embed.recipes import EmbedResult, embed_from_content, embed_from_precomputed
@@ -39,13 +39,13 @@ __all__ = [
     "EmbedResult",
     "Fusion",
     "PCAResult",
-    "_encode_images",
-    "_encode_texts",
     "build_index",
     "console",
     "default_text_model",
     "embed_from_content",
     "embed_from_precomputed",
+    "encode_images",
+    "encode_texts",
     "faiss_gpus",
     "fuse",
     "l2_normalise",

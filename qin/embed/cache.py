@@ -16,16 +16,16 @@ import numpy as np
 from qin.embed.encoders import DEFAULT_TEXT_NAME, default_text_model
 from qin.runs import file_mode
 
-_CACHE_VERSION = 1  # bump when the encoding code changes what a cached vector means
+CACHE_VERSION = 1  # part of every cache key: bump when the encoding code changes what a cached vector means
 
 
-def _encoder_name(folder: Path, role: str) -> str:
+def encoder_name(folder: Path, role: str) -> str:
     """A file-name-safe encoder name: "text-all-minilm-l6-v2", "image-clip-vit-base-patch32"."""
     name = DEFAULT_TEXT_NAME if folder.resolve() == default_text_model().resolve() else folder.resolve().name
     return f"{role}-" + (re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-") or "model")
 
 
-def _model_fingerprint(folder: Path) -> dict[str, Any]:
+def model_fingerprint(folder: Path) -> dict[str, Any]:
     """What identifies a model folder: its config files' text, and its weight files' names and sizes."""
     configs = {p.name: p.read_text(errors="replace") for p in sorted(folder.glob("*.json"))}
     weights = {p.name: p.stat().st_size for p in sorted(folder.iterdir())
@@ -33,7 +33,7 @@ def _model_fingerprint(folder: Path) -> dict[str, Any]:
     return {"configs": configs, "weights": weights}
 
 
-def _images_fingerprint(paths: list[Path]) -> str:
+def images_fingerprint(paths: list[Path]) -> str:
     """A hash of which cover files exist, with their sizes and modification times (stat only)."""
     digest = hashlib.sha256()
     for path in paths:
@@ -45,7 +45,8 @@ def _images_fingerprint(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def _cache_path(cache_dir: Path, name: str, key: dict[str, Any]) -> Path:
+def cache_path(cache_dir: Path, name: str, key: dict[str, Any]) -> Path:
+    """Where an encoder's vectors are cached: <cache_dir>/<name>-<first 16 hex of the key's sha256>.npy."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return cache_dir / f"{name}-{digest}.npy"
 
@@ -63,7 +64,7 @@ def _save_atomic(path: Path, array: np.ndarray) -> None:
             os.unlink(tmp)
 
 
-def _cached_vectors(path: Path, n_items: int, encode: Callable[[], np.ndarray]) -> np.ndarray:
+def cached_vectors(path: Path, n_items: int, encode: Callable[[], np.ndarray]) -> np.ndarray:
     """The (N, D) vectors cached at `path`, or `encode()`'s, then cached (atomically) for next time."""
     vectors = _load_cached(path, n_items)
     if vectors is None:

@@ -43,7 +43,8 @@ def default_text_model() -> Path:
     return Path(get_model_path())
 
 
-def _check_model_dir(folder: Path, role: str) -> Path:
+def check_model_dir(folder: Path, role: str) -> Path:
+    """folder as a Path, after checking it is a local transformers model folder (QinError naming the role)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise QinError(f"{role} model folder not found: {folder} (a local transformers model folder; "
@@ -99,8 +100,8 @@ def _progress(enabled: bool) -> Progress:
                     TimeRemainingColumn(), console=console, disable=not enabled, transient=False)
 
 
-def _encode_texts(folder: Path, texts: list[str | None], batch_size: int, progress: bool,
-                  label: str) -> np.ndarray:
+def encode_texts(folder: Path, texts: list[str | None], batch_size: int, progress: bool,
+                 label: str) -> np.ndarray:
     """Encode titles with a local transformers text model.
 
     BERT-like models are mean-pooled over the attention mask (the sentence-transformers recipe of
@@ -161,8 +162,8 @@ def _load_image(path: Path) -> Any:
         return None
 
 
-def _encode_images(folder: Path, paths: list[Path], batch_size: int, progress: bool,
-                   label: str) -> np.ndarray:
+def encode_images(folder: Path, paths: list[Path], batch_size: int, progress: bool,
+                  label: str) -> np.ndarray:
     """Encode cover images with a local transformers vision model and its image processor (PIL backend).
 
     CLIP-like folders use get_image_features (projected vector); other vision models (ViT, DINOv2,

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from qin.embed.tables import ITEM_TITLE, _read_item_info, _read_parquet, _vector_column
+from qin.embed.tables import ITEM_TITLE, read_checked_parquet, read_item_info, vector_column
 from qin.embed.vectors import build_index, l2_normalise
 from qin.errors import QinError
 from qin.features.io import ITEM_EMB, ITEM_ID, ITEM_TAGS
@@ -33,13 +33,13 @@ def neighbors(item_table: Path, item_feature: Path | None, item_id: int, k: int 
     item_table = Path(item_table)
     if k < 1:
         raise QinError(f"k must be >= 1, got {k}")
-    info = _read_item_info(item_table)
+    info = read_item_info(item_table)
     if ITEM_EMB not in info.columns:
         raise QinError(f"{item_table}: no column {ITEM_EMB!r}")
     n_items = info.height - 1
     if not 1 <= item_id <= n_items:
         raise QinError(f"item_id {item_id} is not in 1..{n_items} ({item_table})")
-    vectors = _vector_column(info, ITEM_EMB, item_table)[1:]  # (N, d), row i-1 = item i
+    vectors = vector_column(info, ITEM_EMB, item_table)[1:]  # (N, d), row i-1 = item i
     query = vectors[item_id - 1 : item_id]  # (1, d)
     if not query.any():
         raise QinError(f"item {item_id} has an all-zero {ITEM_EMB} in {item_table}; it has no neighbours")
@@ -52,7 +52,7 @@ def neighbors(item_table: Path, item_feature: Path | None, item_id: int, k: int 
                            "score": [s for _, s in keep]},
                           schema={"rank": pl.Int64, ITEM_ID: pl.Int64, "score": pl.Float64})
     if item_feature is not None:
-        feature = _read_parquet(Path(item_feature), [ITEM_ID, ITEM_TITLE, ITEM_TAGS])
+        feature = read_checked_parquet(Path(item_feature), [ITEM_ID, ITEM_TITLE, ITEM_TAGS])
         side = feature.select(pl.col(ITEM_ID).cast(pl.Int64), pl.col(ITEM_TITLE).alias("title"),
                               pl.col(ITEM_TAGS).cast(pl.List(pl.Int64)).alias("tags"))
     else:

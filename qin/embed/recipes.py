@@ -10,28 +10,28 @@ import numpy as np
 import polars as pl
 
 from qin.embed.cache import (
-    _CACHE_VERSION,
-    _cache_path,
-    _cached_vectors,
-    _encoder_name,
-    _images_fingerprint,
-    _model_fingerprint,
+    CACHE_VERSION,
+    cache_path,
+    cached_vectors,
+    encoder_name,
+    images_fingerprint,
+    model_fingerprint,
 )
-from qin.embed.encoders import _check_model_dir, _encode_images, _encode_texts, console, default_text_model
+from qin.embed.encoders import check_model_dir, console, default_text_model, encode_images, encode_texts
 from qin.embed.tables import (
     IMG_EMB,
     ITEM_TITLE,
     TXT_EMB,
-    _check_columns,
-    _item_rows,
-    _read_item_info,
-    _read_parquet,
-    _vector_column,
-    _vector_width,
-    _write_item_table,
+    check_columns,
     check_embed_output,
+    item_rows,
+    read_checked_parquet,
+    read_item_info,
+    vector_column,
+    vector_width,
+    write_item_table,
 )
-from qin.embed.vectors import Fusion, _fusion, fuse, pca_reduce
+from qin.embed.vectors import Fusion, as_fusion, fuse, pca_reduce
 from qin.errors import QinError
 from qin.features.io import ITEM_ID, sha256_file
 
@@ -78,29 +78,29 @@ def embed_from_precomputed(item_feature: Path, item_info: Path, out: Path, dim: 
     """
     start = time.perf_counter()
     check_embed_output(Path(out), [Path(item_feature), Path(item_info)])
-    info = _read_item_info(Path(item_info))
+    info = read_item_info(Path(item_info))
     n_items = info.height - 1
     item_feature = Path(item_feature)
-    _check_columns(item_feature, [ITEM_ID, TXT_EMB, IMG_EMB])
+    check_columns(item_feature, [ITEM_ID, TXT_EMB, IMG_EMB])
     ids = pl.read_parquet(item_feature, columns=[ITEM_ID])[ITEM_ID].to_numpy()
-    rows = _item_rows(ids, n_items, item_feature)
+    rows = item_rows(ids, n_items, item_feature)
     if rows.size != n_items:
         raise QinError(f"{item_feature}: has {rows.size} items, item_info has {n_items}; every item needs "
                        "its precomputed vectors")
     # One column at a time, written straight into its block of the fused matrix: peak memory is the fused
     # matrix plus one column (about 2 x 650 MB for the real 91,717 items), not several 1792-d copies.
-    widths = [_vector_width(item_feature, column) for column in (TXT_EMB, IMG_EMB)]
+    widths = [vector_width(item_feature, column) for column in (TXT_EMB, IMG_EMB)]
     fused = np.empty((n_items, sum(widths)), dtype=np.float32)  # (N, 768 + 1024), row i-1 = item i
     offset = 0
     for column, width in zip((TXT_EMB, IMG_EMB), widths, strict=True):
-        block = _vector_column(pl.read_parquet(item_feature, columns=[column]), column, item_feature)
+        block = vector_column(pl.read_parquet(item_feature, columns=[column]), column, item_feature)
         if block.shape[1] != width:
             raise QinError(f"{item_feature}: column {column!r} must hold vectors of one length")
         fused[rows, offset : offset + width] = block
         offset += width
         del block
     pca = pca_reduce(fused, dim)
-    _write_item_table(info, pca.vectors, Path(out))
+    write_item_table(info, pca.vectors, Path(out))
     return EmbedResult(out=Path(out), items=n_items, missing_titles=0, missing_images=0,
                        explained_variance=pca.total_explained, seconds=time.perf_counter() - start)
 
@@ -145,23 +145,23 @@ def embed_from_content(item_feature: Path, item_info: Path, images_dir: Path | N
             fused width.
     """
     start = time.perf_counter()
-    fusion = _fusion(fusion)
+    fusion = as_fusion(fusion)
     item_feature, item_info, out, cache_dir = Path(item_feature), Path(item_info), Path(out), Path(cache_dir)
     check_embed_output(out, [item_feature, item_info])
     use_text = text_weight > 0
     use_image = image_model is not None and image_weight > 0
     if not use_text and not use_image:
         raise QinError("nothing to encode: give text_weight > 0, or an image_model with image_weight > 0")
-    text_dir = _check_model_dir(Path(text_model) if text_model else default_text_model(), "text") \
+    text_dir = check_model_dir(Path(text_model) if text_model else default_text_model(), "text") \
         if use_text else None
-    image_dir = _check_model_dir(Path(image_model), "image") if use_image and image_model else None
+    image_dir = check_model_dir(Path(image_model), "image") if use_image and image_model else None
     if batch_size < 1:
         raise QinError(f"batch_size must be >= 1, got {batch_size}")
 
-    info = _read_item_info(item_info)
+    info = read_item_info(item_info)
     n_items = info.height - 1
-    feature = _read_parquet(item_feature, [ITEM_ID, ITEM_TITLE])
-    rows = _item_rows(feature[ITEM_ID].to_numpy(), n_items, item_feature)
+    feature = read_checked_parquet(item_feature, [ITEM_ID, ITEM_TITLE])
+    rows = item_rows(feature[ITEM_ID].to_numpy(), n_items, item_feature)
     titles: list[str | None] = [None] * n_items  # row i-1 = item i
     for row, title in zip(rows.tolist(), feature[ITEM_TITLE].to_list(), strict=True):
         titles[row] = title
@@ -170,9 +170,9 @@ def embed_from_content(item_feature: Path, item_info: Path, images_dir: Path | N
     parts: list[tuple[np.ndarray, float]] = []
     missing_titles = missing_images = 0
     if text_dir is not None:
-        key = {"v": _CACHE_VERSION, "role": "text", "model": _model_fingerprint(text_dir), "data": data_hash}
-        name = _encoder_name(text_dir, "text")
-        vectors = _cached_vectors(_cache_path(cache_dir, name, key), n_items, lambda: _encode_texts(
+        key = {"v": CACHE_VERSION, "role": "text", "model": model_fingerprint(text_dir), "data": data_hash}
+        name = encoder_name(text_dir, "text")
+        vectors = cached_vectors(cache_path(cache_dir, name, key), n_items, lambda: encode_texts(
             text_dir, titles, batch_size, progress, name.removeprefix("text-")))
         missing_titles = int((~vectors.any(axis=1)).sum())
         parts.append((vectors, text_weight))
@@ -181,10 +181,10 @@ def embed_from_content(item_feature: Path, item_info: Path, images_dir: Path | N
         if not images_dir.is_dir():
             raise QinError(f"images folder not found: {images_dir}")
         paths = [images_dir / f"{item}.jpg" for item in range(1, n_items + 1)]
-        key = {"v": _CACHE_VERSION, "role": "image", "model": _model_fingerprint(image_dir),
-               "data": data_hash, "images": _images_fingerprint(paths)}
-        name = _encoder_name(image_dir, "image")
-        vectors = _cached_vectors(_cache_path(cache_dir, name, key), n_items, lambda: _encode_images(
+        key = {"v": CACHE_VERSION, "role": "image", "model": model_fingerprint(image_dir),
+               "data": data_hash, "images": images_fingerprint(paths)}
+        name = encoder_name(image_dir, "image")
+        vectors = cached_vectors(cache_path(cache_dir, name, key), n_items, lambda: encode_images(
             image_dir, paths, batch_size, progress, name.removeprefix("image-")))
         missing_images = int((~vectors.any(axis=1)).sum())
         parts.append((vectors, image_weight))
@@ -196,6 +196,6 @@ def embed_from_content(item_feature: Path, item_info: Path, images_dir: Path | N
     if dim > fused.shape[1]:
         raise QinError(f"dim {dim} exceeds the fused width {fused.shape[1]}; lower dim or add a modality")
     pca = pca_reduce(fused, dim)
-    _write_item_table(info, pca.vectors, out)
+    write_item_table(info, pca.vectors, out)
     return EmbedResult(out=out, items=n_items, missing_titles=missing_titles, missing_images=missing_images,
                        explained_variance=pca.total_explained, seconds=time.perf_counter() - start)

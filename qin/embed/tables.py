@@ -43,7 +43,7 @@ def check_embed_output(out: Path, inputs: Sequence[Path]) -> None:
                            "Move it or choose another --out")
 
 
-def _check_columns(path: Path, columns: Sequence[str]) -> None:
+def check_columns(path: Path, columns: Sequence[str]) -> None:
     """QinError naming the file when it is missing, unreadable, or lacks one of ``columns`` (footer only)."""
     if not path.is_file():
         raise QinError(f"{path}: file not found")
@@ -56,9 +56,9 @@ def _check_columns(path: Path, columns: Sequence[str]) -> None:
             raise QinError(f"{path}: no column {column!r} (has {', '.join(schema.names())})")
 
 
-def _read_parquet(path: Path, columns: Sequence[str] | None = None) -> pl.DataFrame:
-    """Named columns (None: all) of a parquet file, after `_check_columns`; a corrupt file is a QinError."""
-    _check_columns(path, columns or [])
+def read_checked_parquet(path: Path, columns: Sequence[str] | None = None) -> pl.DataFrame:
+    """Named columns (None: all) of a parquet file, after `check_columns`; a corrupt file is a QinError."""
+    check_columns(path, columns or [])
     try:
         return pl.read_parquet(path, columns=list(columns) if columns is not None else None)
     except Exception as exc:  # a corrupt page or truncated file: polars raises several error types
@@ -66,9 +66,9 @@ def _read_parquet(path: Path, columns: Sequence[str] | None = None) -> pl.DataFr
         raise QinError(f"{path}: cannot read as parquet ({first_line})") from exc
 
 
-def _read_item_info(path: Path) -> pl.DataFrame:
+def read_item_info(path: Path) -> pl.DataFrame:
     """item_info as a frame sorted by item_id, checked to hold exactly the ids 0..N (row i = item i)."""
-    info = _read_parquet(path)
+    info = read_checked_parquet(path)
     for column in (ITEM_ID, ITEM_TAGS):
         if column not in info.columns:
             raise QinError(f"{path}: no column {column!r} (has {', '.join(info.columns)})")
@@ -81,7 +81,7 @@ def _read_item_info(path: Path) -> pl.DataFrame:
     return info
 
 
-def _item_rows(ids: np.ndarray, n_items: int, path: Path) -> np.ndarray:
+def item_rows(ids: np.ndarray, n_items: int, path: Path) -> np.ndarray:
     """Rows (0-based, item i -> i - 1) for item_feature ids, checked to be unique and in 1..N."""
     if ids.size and (ids.min() < 1 or ids.max() > n_items):
         raise QinError(f"{path}: item_id outside 1..{n_items} (the ids of item_info)")
@@ -90,7 +90,7 @@ def _item_rows(ids: np.ndarray, n_items: int, path: Path) -> np.ndarray:
     return ids.astype(np.int64) - 1
 
 
-def _vector_column(frame: pl.DataFrame, column: str, path: Path) -> np.ndarray:
+def vector_column(frame: pl.DataFrame, column: str, path: Path) -> np.ndarray:
     """A list<float> column of equal-length rows as an (rows, width) float32 matrix."""
     series = frame[column]
     lengths = series.list.len()
@@ -105,7 +105,7 @@ def _vector_column(frame: pl.DataFrame, column: str, path: Path) -> np.ndarray:
     return matrix
 
 
-def _vector_width(path: Path, column: str) -> int:
+def vector_width(path: Path, column: str) -> int:
     """Length of the first vector of a list column (reads one row)."""
     first = pl.scan_parquet(path).select(pl.col(column).first().list.len()).collect().item()
     if not first:
@@ -113,7 +113,7 @@ def _vector_width(path: Path, column: str) -> int:
     return int(first)
 
 
-def _write_item_table(info: pl.DataFrame, item_vectors: np.ndarray, out: Path) -> None:
+def write_item_table(info: pl.DataFrame, item_vectors: np.ndarray, out: Path) -> None:
     """Write item_info with item_emb_d128 replaced: list<float32>[d], row 0 zeros, other columns kept.
 
     Args:

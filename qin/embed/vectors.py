@@ -133,7 +133,8 @@ def build_index(vectors: np.ndarray) -> faiss.Index:
     return index
 
 
-def _fusion(value: Fusion | str) -> Fusion:
+def as_fusion(value: Fusion | str) -> Fusion:
+    """value as a Fusion ("concat" or "mean"); QinError naming the choices otherwise."""
     try:
         return Fusion(value)
     except ValueError:
@@ -154,7 +155,7 @@ def fuse(parts: Sequence[tuple[np.ndarray, float]], fusion: Fusion = Fusion.conc
     Returns:
         (N, D) float32 with D = sum D_m (concat) or D_m (mean).
     """
-    fusion = _fusion(fusion)
+    fusion = as_fusion(fusion)
     weights = np.array([w for _, w in parts], dtype=np.float64)
     if not parts or not np.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
         raise QinError(f"modality weights must be >= 0 with a positive sum, got {weights.tolist()}")

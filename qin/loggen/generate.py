@@ -27,7 +27,7 @@ from qin.loggen.write import (
     write_item_info,
     write_split,
 )
-from qin.synth.metrics import expected_auc
+from qin.synth.metrics import expected_auc, realised_auc
 
 EMB_DIM = 128  # item_emb_d128
 
@@ -71,13 +71,6 @@ def generate_logs(out_dir: Path, size: LogSize, seed: int = 0, params: LogParams
         if tmp is not None:  # also on KeyboardInterrupt: no half-written folder is left behind
             shutil.rmtree(tmp, ignore_errors=True)
     return meta
-
-
-def _realised_auc(y: np.ndarray, score: np.ndarray) -> float:
-    """roc_auc_score, or NaN when y has a single class."""
-    from sklearn.metrics import roc_auc_score  # imported here: sklearn is slow to import
-
-    return float(roc_auc_score(y, score)) if y.min() != y.max() else float("nan")
 
 
 @dataclass(frozen=True)
@@ -171,14 +164,14 @@ def _build(tmp: Path, spec: LogSizeSpec, size: LogSize, seed: int, prm: LogParam
         "candidate_sources": {name: float((rows.source == k).mean()) for k, name in enumerate(SOURCES)},
         "series_hit_share": float((rows.series_hits > 0).mean()),
         "auc": {
-            "oracle_valid": _realised_auc(y[va], p_true[va]),
-            "oracle_test": _realised_auc(y[te], p_true[te]),
+            "oracle_valid": realised_auc(y[va], p_true[va]),
+            "oracle_test": realised_auc(y[te], p_true[te]),
             "expected_oracle_valid": expected_auc(p_true[va]),
             "expected_oracle_test": expected_auc(p_true[te]),
-            "popularity_valid": _realised_auc(y[va], pop[va]),
-            "popularity_test": _realised_auc(y[te], pop[te]),
-            "match_valid": _realised_auc(y[va], rows.match[va]),
-            "series_hits_valid": _realised_auc(y[va], rows.series_hits[va]),
+            "popularity_valid": realised_auc(y[va], pop[va]),
+            "popularity_test": realised_auc(y[te], pop[te]),
+            "match_valid": realised_auc(y[va], rows.match[va]),
+            "series_hits_valid": realised_auc(y[va], rows.series_hits[va]),
         },
         "notes": "hidden/ holds the truth; the solution must never read it. valid_truth.row = row in "
                  "valid.parquet; test_truth.ID = test.parquet ID. Written by qin.loggen (log-like process).",

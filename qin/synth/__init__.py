@@ -41,24 +41,23 @@ tiny is for plumbing only (8k rows: models stay far from the oracle; its popular
 with clicks, because popular candidates are rarely interest matches). Popularity alone falls as N grows
 (long tail); w_pop is the spec's 0.2, which keeps small and bench near the real data's reported 0.58-0.62.
 
-The code, in the order the data are drawn (every name that other code uses is re-exported here):
+`draw_synth` draws the same truth and rows in memory (no files): analyses such as
+benchmarks/signal_anatomy.py use it, so they always see exactly the rows `synthesize` writes.
 
-    params.py    SynthSize, SizeSpec, SIZES, SynthParams, DEFAULT_PARAMS, params_with, constants, _rng
-    items.py     item truth (_Items, _make_items, tags) and popularity samplers
+The code, in the order the data are drawn (every name that code outside qin.synth uses is re-exported here):
+
+    params.py    SynthSize, SizeSpec, SIZES, SynthParams, DEFAULT_PARAMS, params_with, constants, stream
+    items.py     item truth (Items, make_items, tags) and popularity samplers
     content.py   text/image vectors, their PCA, embedding variants, titles, cover images
     users.py     users' interests and histories
-    rows.py      candidates, signals s_att/s_rep/s_tag, logits, β0
+    rows.py      candidates, signals s_att/s_rep/s_tag (signals, history_slots), logits, β0
     write.py     parquet writers (splits, item_seq, item files, hidden truth)
     metrics.py   expected_auc and the realised AUC
-    generate.py  synthesize / _synthesize / _build: the stages, in order, into a temporary folder
+    generate.py  draw_synth (truth and rows in memory) and synthesize: every stage, in order, into a
+                 temporary folder, then moved in
 """
 
-from qin.synth.generate import SynthResult, synthesize
-from qin.synth.generate import _build as _build
-from qin.synth.generate import _split_users as _split_users
-from qin.synth.generate import _synthesize as _synthesize
-from qin.synth.items import _make_items as _make_items
-from qin.synth.metrics import _auc as _auc
+from qin.synth.generate import SynthDraw, SynthResult, draw_synth, synthesize
 from qin.synth.metrics import expected_auc
 from qin.synth.params import (
     CANDIDATES_PER_USER,
@@ -77,14 +76,7 @@ from qin.synth.params import (
     SynthSize,
     params_with,
 )
-from qin.synth.params import _rng as _rng
-from qin.synth.rows import _bisect_beta0 as _bisect_beta0
-from qin.synth.rows import _history_slots as _history_slots
-from qin.synth.rows import _make_rows as _make_rows
-from qin.synth.rows import _raw_logit as _raw_logit
-from qin.synth.rows import _sigmoid as _sigmoid
-from qin.synth.rows import _signals as _signals
-from qin.synth.users import _make_users as _make_users
+from qin.synth.rows import history_slots, signals
 
 __all__ = [
     "CANDIDATES_PER_USER",
@@ -99,10 +91,14 @@ __all__ = [
     "SIZES",
     "TXT_DIM",
     "SizeSpec",
+    "SynthDraw",
     "SynthParams",
     "SynthResult",
     "SynthSize",
+    "draw_synth",
     "expected_auc",
+    "history_slots",
     "params_with",
+    "signals",
     "synthesize",
 ]

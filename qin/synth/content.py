@@ -10,12 +10,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from qin.synth.items import _Items
-from qin.synth.params import EMB_DIM, IMG_DIM, TXT_DIM, SynthParams, SynthSize, _rng
+from qin.synth.items import Items
+from qin.synth.params import EMB_DIM, IMG_DIM, TXT_DIM, SynthParams, SynthSize, stream
 
 
-def _content_vectors(items: _Items, prm: SynthParams, empty_title: np.ndarray, seed: int,
-                     size: SynthSize) -> tuple[np.ndarray, np.ndarray]:
+def content_vectors(items: Items, prm: SynthParams, empty_title: np.ndarray, seed: int,
+                    size: SynthSize) -> tuple[np.ndarray, np.ndarray]:
     """txt_emb_BERT = A_t·c_i + noise, img_emb_CLIPRN50 = A_v·[c_i, nuisance_i] + noise (c = content latent).
 
     Items with an empty title get the "empty string" text vector (a constant) plus noise, like a real
@@ -24,7 +24,7 @@ def _content_vectors(items: _Items, prm: SynthParams, empty_title: np.ndarray, s
     Returns:
         txt (N, 768) float32, img (N, 1024) float32 for items 1..N.
     """
-    rng = _rng(seed, size, "content")
+    rng = stream(seed, size, "content")
     c = items.content[1:]  # (N, d)
     n, d = c.shape
     a_t = (rng.standard_normal((d, TXT_DIM)) / np.sqrt(d)).astype(np.float32)  # (d, 768)
@@ -39,7 +39,7 @@ def _content_vectors(items: _Items, prm: SynthParams, empty_title: np.ndarray, s
     return txt, img
 
 
-def _pca(x_parts: tuple[np.ndarray, ...], dim: int) -> np.ndarray:
+def pca(x_parts: tuple[np.ndarray, ...], dim: int) -> np.ndarray:
     """PCA of the column-concatenation of x_parts (no whitening), as the organisers' sklearn PCA(128).
 
     Exact, by an eigendecomposition of the smaller of the covariance (D x D) and the Gram matrix (N x N),
@@ -81,7 +81,7 @@ def _pca(x_parts: tuple[np.ndarray, ...], dim: int) -> np.ndarray:
     return out
 
 
-def _emb_variants(items: _Items, prm: SynthParams, seed: int, size: SynthSize) -> list[np.ndarray]:
+def emb_variants(items: Items, prm: SynthParams, seed: int, size: SynthSize) -> list[np.ndarray]:
     """The four item_emb.parquet variants: random 128-d re-projections of v (the click latent) + noise.
 
     They stand for organiser-made embeddings trained on behaviour (item_seq), which is why they carry the
@@ -90,7 +90,7 @@ def _emb_variants(items: _Items, prm: SynthParams, seed: int, size: SynthSize) -
     Returns:
         4 arrays (N, 128) float32.
     """
-    rng = _rng(seed, size, "emb_variants")
+    rng = stream(seed, size, "emb_variants")
     v = items.v[1:]
     n, d = v.shape
     out = []
@@ -156,13 +156,13 @@ def _topic_words(k: int) -> tuple[list[str], list[str]]:
     return words, tags
 
 
-def _titles(items: _Items, k: int, empty: np.ndarray, seed: int, size: SynthSize) -> pa.Array:
+def make_titles(items: Items, k: int, empty: np.ndarray, seed: int, size: SynthSize) -> pa.Array:
     """Titles of 3-8 words (75% topic words, 25% filler) plus the topic's hashtag, built without a row loop.
 
     Returns:
         pa.string() array (N,); items flagged in ``empty`` (N,) get "".
     """
-    rng = _rng(seed, size, "titles")
+    rng = stream(seed, size, "titles")
     n = items.topic.size - 1
     topic = items.topic[1:]
     words, hashtags = _topic_words(k)
@@ -194,7 +194,7 @@ def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
     return table[i, np.arange(h.size)]
 
 
-def _cover_images(items: _Items, ids: np.ndarray, px: int, rng: np.random.Generator) -> np.ndarray:
+def _cover_images(items: Items, ids: np.ndarray, px: int, rng: np.random.Generator) -> np.ndarray:
     """Cover images whose colours and shape depend on the topic, and position/size on the content latent.
 
     Args:
@@ -230,8 +230,8 @@ def _cover_images(items: _Items, ids: np.ndarray, px: int, rng: np.random.Genera
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
-def _write_images(items: _Items, folder: Path, present: np.ndarray, prm: SynthParams, seed: int,
-                  size: SynthSize, on_chunk: Callable[[int], None]) -> None:
+def write_images(items: Items, folder: Path, present: np.ndarray, prm: SynthParams, seed: int,
+                 size: SynthSize, on_chunk: Callable[[int], None]) -> None:
     """Write <item_id>.jpg for items with ``present`` (N+1,) True; in chunks, file writes in 4 threads."""
     from PIL import Image  # imported here: only this stage needs Pillow
 
@@ -245,6 +245,6 @@ def _write_images(items: _Items, folder: Path, present: np.ndarray, prm: SynthPa
     with ThreadPoolExecutor(max_workers=4) as pool:  # PIL and file I/O release the GIL
         for ci, lo in enumerate(range(0, ids_all.size, step)):
             ids = ids_all[lo : lo + step]
-            imgs = _cover_images(items, ids, prm.image_px, _rng(seed, size, f"images.{ci}"))
+            imgs = _cover_images(items, ids, prm.image_px, stream(seed, size, f"images.{ci}"))
             list(pool.map(save, imgs, ids.tolist()))
             on_chunk(ids.size)

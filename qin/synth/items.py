@@ -6,11 +6,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qin.synth.params import N_ITEM_TAGS, SizeSpec, SynthParams, SynthSize, _rng
+from qin.synth.params import N_ITEM_TAGS, SizeSpec, SynthParams, SynthSize, stream
 
 
 @dataclass(frozen=True)
-class _Items:
+class Items:
     """Item-level truth. Arrays are indexed by item id, row 0 is the padding item (zeros)."""
 
     topic: np.ndarray  # (N+1,) int64, topic of each item (row 0: -1)
@@ -32,10 +32,10 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def _make_items(spec: SizeSpec, prm: SynthParams, seed: int, size: SynthSize) -> _Items:
+def make_items(spec: SizeSpec, prm: SynthParams, seed: int, size: SynthSize) -> Items:
     """Draw topics, latent vectors, popularity, levels, tags and item biases."""
     n, k, d = spec.n_items, spec.n_topics, prm.d_lat
-    rng = _rng(seed, size, "items")
+    rng = stream(seed, size, "items")
     # Topic sizes Zipf-like, but every topic gets at least a few items so its pools are non-empty.
     share = np.arange(1, k + 1, dtype=np.float64) ** -prm.topic_zipf
     share /= share.sum()
@@ -68,7 +68,7 @@ def _make_items(spec: SizeSpec, prm: SynthParams, seed: int, size: SynthSize) ->
         return np.concatenate([np.full((1,) + x.shape[1:], fill, dtype=x.dtype), x])
 
     pop_z = (log_pop - log_pop.mean()) / log_pop.std()
-    return _Items(
+    return Items(
         topic=pad(topic.astype(np.int64), -1),
         v=pad(v.astype(np.float32), 0.0),
         content=pad(content.astype(np.float32), 0.0),
@@ -114,7 +114,7 @@ def _make_tags(topic: np.ndarray, spec: SizeSpec, prm: SynthParams, rng: np.rand
 
 
 @dataclass(frozen=True)
-class _Sampler:
+class Sampler:
     """Draws items ∝ π^power, globally or within a given topic (by inverse CDF, fully vectorised)."""
 
     cdf: np.ndarray  # (N,) CDF over items 1..N
@@ -122,7 +122,7 @@ class _Sampler:
     key: np.ndarray  # (N,) topic + within-topic CDF: increasing, so (k, u) → searchsorted(key, k + u)
 
     @staticmethod
-    def build(items: _Items, power: float) -> _Sampler:
+    def build(items: Items, power: float) -> Sampler:
         """Sampler for weights π^power (power 1: popularity; < 1: flatter, reaching the long tail more)."""
         w = np.exp(power * (items.log_pop[1:] - items.log_pop[1:].max()))  # (N,) scaled to avoid underflow
         topic = items.topic[1:]
@@ -133,7 +133,7 @@ class _Sampler:
         within = (np.cumsum(w_sorted) - start) / mass[t_sorted]  # CDF within each topic, ends at 1
         within[np.r_[t_sorted[1:] != t_sorted[:-1], True]] = 1.0  # exactly 1 at each topic's end (rounding)
         cdf = np.cumsum(w)
-        return _Sampler(cdf=cdf / cdf[-1], order=order + 1, key=t_sorted + within)
+        return Sampler(cdf=cdf / cdf[-1], order=order + 1, key=t_sorted + within)
 
     def in_topics(self, topics: np.ndarray, u: np.ndarray) -> np.ndarray:
         """One item per row from the given topics (m,), for uniforms u (m,) in [0, 1). Returns (m,) ids."""

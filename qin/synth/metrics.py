@@ -36,7 +36,7 @@ def expected_auc(p: np.ndarray, score: np.ndarray | None = None) -> float:
     return float(num / den) if den > 0 else 0.5
 
 
-def _auc(y: np.ndarray, score: np.ndarray) -> float:
+def realised_auc(y: np.ndarray, score: np.ndarray) -> float:
     """roc_auc_score, or NaN when y has a single class (possible on very small splits)."""
     from sklearn.metrics import roc_auc_score  # imported here: sklearn adds ~1 s to `import qin.synth`
 

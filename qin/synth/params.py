@@ -148,7 +148,7 @@ def params_with(assignments: list[str], base: SynthParams = DEFAULT_PARAMS) -> S
 # reordering stages never shifts the numbers of another.
 
 
-def _rng(seed: int, size: SynthSize, purpose: str) -> np.random.Generator:
+def stream(seed: int, size: SynthSize, purpose: str) -> np.random.Generator:
     """An independent generator for one purpose (e.g. "items.topic")."""
     key = [seed, _SIZE_CODE[size], zlib.crc32(purpose.encode())]
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence(key)))

@@ -6,17 +6,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qin.synth.items import _Items, _Sampler
-from qin.synth.params import CANDIDATES_PER_USER, SizeSpec, SynthParams, SynthSize, _rng
-from qin.synth.users import _pick_slot, _Users
+from qin.synth.items import Items, Sampler
+from qin.synth.params import CANDIDATES_PER_USER, SizeSpec, SynthParams, SynthSize, stream
+from qin.synth.users import Users, pick_slot
 
 
 @dataclass(frozen=True)
-class _Rows:
+class Rows:
     """All impression rows of all splits (split 0 = train, 1 = valid, 2 = test), in output order."""
 
     split: np.ndarray  # (n,) int8
-    user: np.ndarray  # (n,) int64 user index into _Users arrays
+    user: np.ndarray  # (n,) int64 user index into Users arrays
     item: np.ndarray  # (n,) int64 target item id
     s_att: np.ndarray  # (n,) float64
     s_rep: np.ndarray  # (n,) float64
@@ -24,7 +24,7 @@ class _Rows:
     f_raw: np.ndarray  # (n,) float64 logit without β0
 
 
-def _candidates(split_users: list[np.ndarray], split_rows: list[int], users: _Users, items: _Items,
+def _candidates(split_users: list[np.ndarray], split_rows: list[int], users: Users, items: Items,
                 prm: SynthParams, seed: int, size: SynthSize) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows (user, target): 4 per user, 35% from the user's topics and 65% from global popularity.
 
@@ -33,7 +33,7 @@ def _candidates(split_users: list[np.ndarray], split_rows: list[int], users: _Us
     Returns:
         split (n,) int8, user (n,) int64, item (n,) int64.
     """
-    rng = _rng(seed, size, "candidates")
+    rng = stream(seed, size, "candidates")
     s_all, u_all = [], []
     for s, (us, n_rows) in enumerate(zip(split_users, split_rows, strict=True)):
         ru = np.repeat(us, CANDIDATES_PER_USER)[:n_rows]
@@ -41,16 +41,16 @@ def _candidates(split_users: list[np.ndarray], split_rows: list[int], users: _Us
         s_all.append(np.full(n_rows, s, dtype=np.int8))
     user = np.concatenate(u_all)
     n = user.size
-    topic = users.topics[user, _pick_slot(users.weights[user], rng.random(n))]
+    topic = users.topics[user, pick_slot(users.weights[user], rng.random(n))]
     u = rng.random(n)
-    by_topic = _Sampler.build(items, prm.topic_cand_pop_power).in_topics(topic, u)
-    by_pop = _Sampler.build(items, prm.cand_pop_power).globally(u)
+    by_topic = Sampler.build(items, prm.topic_cand_pop_power).in_topics(topic, u)
+    by_pop = Sampler.build(items, prm.cand_pop_power).globally(u)
     item = np.where(rng.random(n) < prm.p_topic_candidate, by_topic, by_pop)
     return np.concatenate(s_all), user, item
 
 
 @dataclass(frozen=True)
-class _HistorySlots:
+class HistorySlots:
     """The real history slots of a chunk of rows, flattened row after row (no padding)."""
 
     starts: np.ndarray  # (n,) index of each row's first slot
@@ -60,8 +60,12 @@ class _HistorySlots:
     sim: np.ndarray  # (Σ L,) float64 <v_t, v_h> of the row's target and the slot's item
 
 
-def _history_slots(user: np.ndarray, item: np.ndarray, users: _Users, items: _Items) -> _HistorySlots:
-    """Args: user (n,) user indices, item (n,) target item ids."""
+def history_slots(user: np.ndarray, item: np.ndarray, users: Users, items: Items) -> HistorySlots:
+    """The real (unpadded) history slots of rows (user, target item), with each slot's age and <v_t, v_h>.
+
+    Args:
+        user: (n,) user indices.  item: (n,) target item ids.
+    """
     n = user.size
     L = users.hist_len[user]  # (n,) all ≥ 1, so no empty segment in reduceat
     starts = np.cumsum(L) - L
@@ -70,11 +74,11 @@ def _history_slots(user: np.ndarray, item: np.ndarray, users: _Users, items: _It
     slot_item = users.hist_flat[users.hist_off[user][rep] + within]  # (Σ,)
     age = (L[rep] - 1 - within).astype(np.float64)  # 0 = most recent
     sim = np.einsum("ij,ij->i", items.v[item][rep], items.v[slot_item], dtype=np.float64)  # (Σ,)
-    return _HistorySlots(starts=starts, row=rep, item=slot_item, age=age, sim=sim)
+    return HistorySlots(starts=starts, row=rep, item=slot_item, age=age, sim=sim)
 
 
-def _signals(user: np.ndarray, item: np.ndarray, users: _Users, items: _Items,
-             prm: SynthParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def signals(user: np.ndarray, item: np.ndarray, users: Users, items: Items,
+            prm: SynthParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """s_att, s_rep, s_tag for a chunk of rows, over the ragged history slots (no padding is touched).
 
     Args:
@@ -83,7 +87,7 @@ def _signals(user: np.ndarray, item: np.ndarray, users: _Users, items: _Items,
     Returns:
         s_att (n,), s_rep (n,), s_tag (n,) float64.
     """
-    slots = _history_slots(user, item, users, items)
+    slots = history_slots(user, item, users, items)
     starts, rep, sim = slots.starts, slots.row, slots.sim
     if prm.attention == "relu":
         weight = np.maximum(sim - prm.relu_threshold, 0.0) * np.exp(-prm.gamma * np.log1p(slots.age))  # (Σ,)
@@ -103,23 +107,24 @@ def _signals(user: np.ndarray, item: np.ndarray, users: _Users, items: _Items,
 
 
 def _raw_logit(s_att: np.ndarray, s_rep: np.ndarray, s_tag: np.ndarray, user: np.ndarray, item: np.ndarray,
-               users: _Users, items: _Items, prm: SynthParams) -> np.ndarray:
+               users: Users, items: Items, prm: SynthParams) -> np.ndarray:
     """f − β0 (demo_data.md §3). All inputs (n,); returns (n,) float64."""
     q = items.quality[item]
     return (prm.w_att * s_att + prm.w_att_q * s_att * q + prm.w_tag_q * s_tag * q + prm.w_rep * s_rep
             + prm.w_q * q + prm.w_pop * items.pop_z[item] + users.bias[user] + items.w_item[item])
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """The logistic function 1 / (1 + exp(-x)), elementwise."""
     return 0.5 * (1.0 + np.tanh(0.5 * x))  # stable for large |x|
 
 
-def _bisect_beta0(f_raw: np.ndarray, target: float) -> float:
+def bisect_beta0(f_raw: np.ndarray, target: float) -> float:
     """β0 such that mean(sigmoid(f_raw + β0)) == target (to 1e-10)."""
     lo, hi = -60.0, 60.0
     for _ in range(200):
         mid = 0.5 * (lo + hi)
-        if _sigmoid(f_raw + mid).mean() < target:
+        if sigmoid(f_raw + mid).mean() < target:
             lo = mid
         else:
             hi = mid
@@ -128,8 +133,8 @@ def _bisect_beta0(f_raw: np.ndarray, target: float) -> float:
     return 0.5 * (lo + hi)
 
 
-def _make_rows(spec: SizeSpec, users: _Users, items: _Items, prm: SynthParams, seed: int,
-               size: SynthSize, split_users: list[np.ndarray]) -> _Rows:
+def make_rows(spec: SizeSpec, users: Users, items: Items, prm: SynthParams, seed: int,
+              size: SynthSize, split_users: list[np.ndarray]) -> Rows:
     """Candidates plus their signals and raw logits, computed in fixed-size chunks."""
     split_rows = [spec.train_rows, spec.valid_rows, spec.test_rows]
     split, user, item = _candidates(split_users, split_rows, users, items, prm, seed, size)
@@ -137,6 +142,6 @@ def _make_rows(spec: SizeSpec, users: _Users, items: _Items, prm: SynthParams, s
     s_att, s_rep, s_tag = np.empty(n), np.empty(n), np.empty(n)
     for lo in range(0, n, spec.chunk_rows):
         sl = slice(lo, lo + spec.chunk_rows)
-        s_att[sl], s_rep[sl], s_tag[sl] = _signals(user[sl], item[sl], users, items, prm)
+        s_att[sl], s_rep[sl], s_tag[sl] = signals(user[sl], item[sl], users, items, prm)
     f_raw = _raw_logit(s_att, s_rep, s_tag, user, item, users, items, prm)
-    return _Rows(split=split, user=user, item=item, s_att=s_att, s_rep=s_rep, s_tag=s_tag, f_raw=f_raw)
+    return Rows(split=split, user=user, item=item, s_att=s_att, s_rep=s_rep, s_tag=s_tag, f_raw=f_raw)

@@ -6,12 +6,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qin.synth.items import _Items, _Sampler
-from qin.synth.params import SizeSpec, SynthParams, SynthSize, _rng
+from qin.synth.items import Items, Sampler
+from qin.synth.params import SizeSpec, SynthParams, SynthSize, stream
 
 
 @dataclass(frozen=True)
-class _Users:
+class Users:
     """User-level truth for all splits (train users first, then valid, then test)."""
 
     user_id: np.ndarray  # (U,) int64, distinct ids ≥ 1 (a permutation, so splits interleave in id)
@@ -24,10 +24,10 @@ class _Users:
     recent_tags: np.ndarray  # (U, 25) int64 distinct tags of the last 5 history items, zeros elsewhere
 
 
-def _make_users(n_users: int, items: _Items, spec: SizeSpec, prm: SynthParams, seed: int,
-                size: SynthSize) -> _Users:
+def make_users(n_users: int, items: Items, spec: SizeSpec, prm: SynthParams, seed: int,
+               size: SynthSize) -> Users:
     """Draw users' interests, biases and histories (ragged, oldest first)."""
-    rng = _rng(seed, size, "users")
+    rng = stream(seed, size, "users")
     k = spec.n_topics
     n_top = rng.choice(np.arange(1, 4), size=n_users, p=np.asarray(prm.user_topic_p) / sum(prm.user_topic_p))
     # Three distinct topics per user by Gumbel top-3 on log topic share, in blocks to bound memory.
@@ -45,10 +45,10 @@ def _make_users(n_users: int, items: _Items, spec: SizeSpec, prm: SynthParams, s
     total = int(hist_off[-1])
     owner = np.repeat(np.arange(n_users), hist_len)  # (Σ L,)
     pos = np.arange(total) - hist_off[owner]  # position within the user's history
-    slot_topic = topics[owner, _pick_slot(w[owner], rng.random(total))]
+    slot_topic = topics[owner, pick_slot(w[owner], rng.random(total))]
     from_topic = rng.random(total) < prm.p_hist_topic
     u = rng.random(total)
-    sampler = _Sampler.build(items, prm.hist_pop_power)
+    sampler = Sampler.build(items, prm.hist_pop_power)
     hist = np.where(from_topic, sampler.in_topics(slot_topic, u), sampler.globally(u))
     # Repeats: copy an earlier slot. Resolve chains (a repeat of a repeat) by iterating to a fixed point.
     rep = (pos > 0) & (rng.random(total) < prm.p_repeat)
@@ -68,12 +68,12 @@ def _make_users(n_users: int, items: _Items, spec: SizeSpec, prm: SynthParams, s
     last5[ok] = hist[idx[ok]]
     tg = np.sort(items.tags[last5].reshape(n_users, -1), axis=1)  # (U, 25)
     tg[:, 1:][tg[:, 1:] == tg[:, :-1]] = 0
-    return _Users(user_id=rng.permutation(n_users).astype(np.int64) + 1, topics=topics, weights=w, bias=bias,
-                  hist_len=hist_len.astype(np.int64), hist_off=hist_off.astype(np.int64), hist_flat=hist,
-                  recent_tags=np.sort(tg, axis=1))
+    return Users(user_id=rng.permutation(n_users).astype(np.int64) + 1, topics=topics, weights=w, bias=bias,
+                 hist_len=hist_len.astype(np.int64), hist_off=hist_off.astype(np.int64), hist_flat=hist,
+                 recent_tags=np.sort(tg, axis=1))
 
 
-def _pick_slot(weights: np.ndarray, u: np.ndarray) -> np.ndarray:
+def pick_slot(weights: np.ndarray, u: np.ndarray) -> np.ndarray:
     """Index 0..2 drawn from per-row weights (m, 3) with uniforms u (m,) in [0, 1).
 
     u is scaled by each row's own total, so rounding can never select a trailing zero-weight slot.
@@ -82,7 +82,7 @@ def _pick_slot(weights: np.ndarray, u: np.ndarray) -> np.ndarray:
     return (u[:, None] * cum[:, -1:] >= cum).sum(axis=1)
 
 
-def _padded_history(users: _Users, rows_user: np.ndarray, seq_len: int) -> np.ndarray:
+def padded_history(users: Users, rows_user: np.ndarray, seq_len: int) -> np.ndarray:
     """Left-padded histories, most recent last.
 
     Args:

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qin.layout import ROW_FIELDS
-from qin.synth.items import _Items
+from qin.synth.items import Items
 from qin.synth.params import (
     DATA_SUBDIR,
     EMB_DIM,
@@ -21,8 +21,8 @@ from qin.synth.params import (
     SizeSpec,
     SynthParams,
 )
-from qin.synth.rows import _Rows
-from qin.synth.users import _padded_history, _Users
+from qin.synth.rows import Rows
+from qin.synth.users import Users, padded_history
 
 
 def _list_array(flat: np.ndarray, width: int, value_type: pa.DataType) -> pa.Array:
@@ -37,8 +37,8 @@ def _ragged_list_array(flat: np.ndarray, lengths: np.ndarray, value_type: pa.Dat
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=value_type))
 
 
-def _write_split(path: Path, idx: np.ndarray, labels: np.ndarray | None, with_id: bool, rows: _Rows,
-                 users: _Users, items: _Items, spec: SizeSpec, on_chunk: Callable[[int], None]) -> None:
+def write_split(path: Path, idx: np.ndarray, labels: np.ndarray | None, with_id: bool, rows: Rows,
+                users: Users, items: Items, spec: SizeSpec, on_chunk: Callable[[int], None]) -> None:
     """Write one of train/valid/test in row groups of spec.chunk_rows.
 
     Args:
@@ -55,7 +55,7 @@ def _write_split(path: Path, idx: np.ndarray, labels: np.ndarray | None, with_id
             cols: list[pa.Array] = []
             if with_id:
                 cols.append(pa.array(np.arange(lo, lo + ci.size, dtype=np.int64)))
-            seq = _padded_history(users, rows.user[ci], spec.seq_len)  # (c, S)
+            seq = padded_history(users, rows.user[ci], spec.seq_len)  # (c, S)
             cols += [pa.array(users.user_id[rows.user[ci]]),
                      _list_array(seq.ravel(), spec.seq_len, pa.int64()),
                      pa.array(t), pa.array(items.likes_level[t]), pa.array(items.views_level[t])]
@@ -65,7 +65,7 @@ def _write_split(path: Path, idx: np.ndarray, labels: np.ndarray | None, with_id
             on_chunk(ci.size)
 
 
-def _write_item_seq(path: Path, users: _Users, prm: SynthParams) -> int:
+def write_item_seq(path: Path, users: Users, prm: SynthParams) -> int:
     """item_seq.parquet: for every user (in user_id order), the last few prefixes of the history.
 
     Lists are unpadded (variable length, oldest first). Returns the number of rows written.
@@ -91,8 +91,8 @@ def _write_item_seq(path: Path, users: _Users, prm: SynthParams) -> int:
     return written
 
 
-def _write_items(folder: Path, items: _Items, titles: pa.Array, txt: np.ndarray, img: np.ndarray,
-                 emb: np.ndarray, variants: list[np.ndarray]) -> None:
+def write_items(folder: Path, items: Items, titles: pa.Array, txt: np.ndarray, img: np.ndarray,
+                emb: np.ndarray, variants: list[np.ndarray]) -> None:
     """item_info.parquet (row 0 = padding), item_feature.parquet and item_emb.parquet."""
     n = items.topic.size - 1
     ids = np.arange(n + 1, dtype=np.int64)
@@ -127,8 +127,8 @@ def _write_items(folder: Path, items: _Items, titles: pa.Array, txt: np.ndarray,
     pq.write_table(pa.table(cols), folder / "item_emb.parquet", compression="zstd")
 
 
-def _write_hidden(folder: Path, items: _Items, p_valid: np.ndarray, p_test: np.ndarray,
-                  y_test: np.ndarray) -> None:
+def write_hidden(folder: Path, items: Items, p_valid: np.ndarray, p_test: np.ndarray,
+                 y_test: np.ndarray) -> None:
     """Truth files: valid p_true by row, test label and p_true by ID, and item latents for analysis."""
     pq.write_table(pa.table({"row": np.arange(p_valid.size, dtype=np.int64), "p_true": p_valid}),
                    folder / "valid_truth.parquet")
