@@ -127,7 +127,7 @@ class PredictSplit(str, Enum):  # noqa: UP042
 
 
 class SubmissionColumn(str, Enum):  # noqa: UP042
-    """The leaderboard column a submission is scored in (data.md section 3)."""
+    """The leaderboard column a submission is scored in (docs/data.md section 3)."""
 
     task1 = "Task1"
     task2 = "Task2"

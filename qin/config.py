@@ -134,11 +134,11 @@ class DataConfig(_Section):
         description="Scaling of item_emb_d128 at load time (the feature folder keeps the raw values): none = "
                     "as stored (the reference) | l2 = each item's vector to unit norm. Quadratic towers "
                     "multiply their inputs, so an input scale of several units slows their training badly; "
-                    "see README.")
+                    "see docs/quality.md.")
 
 
 class ModelConfig(_Section):
-    """Architecture. The defaults are QIN_variety_v9 as published (model.md section 4)."""
+    """Architecture. The defaults are QIN_variety_v9 as published (docs/model.md section 4)."""
 
     name: ModelName = Field(
         ModelName.qin,
@@ -150,8 +150,8 @@ class ModelConfig(_Section):
                                "multimodal).")
     num_layers: StrictInt = Field(4, ge=1, description="Quadratic (or MLP) tower depth.")
     num_row: StrictInt = Field(
-        4, ge=1, description="R: rows of the Khatri-Rao product per layer; the README notes 3 as the stable "
-                             "fallback.")
+        4, ge=1, description="R: rows of the Khatri-Rao product per layer; docs/model.md section 2.4 notes 3 "
+                             "as the stable fallback.")
     num_heads: StrictInt = Field(
         1, ge=1, description="QNN-alpha heads (H); must divide embedding_dim. QIN's own tower has none.")
     net_dropout: Real = Field(
@@ -191,7 +191,7 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    """Optimisation and the FuxiCTR-style loop (model.md section 5)."""
+    """Optimisation and the FuxiCTR-style loop (docs/model.md section 5)."""
 
     learning_rate: Real = Field(2e-3, gt=0, description="Adam's learning rate (torch defaults otherwise).")
     batch_size: StrictInt = Field(

@@ -36,7 +36,7 @@ META_FILE = "meta.json"  # in HIDDEN_SUBDIR
 FILE_LIST = "files.txt"  # in HIDDEN_SUBDIR: every file a generator wrote (see write_file_list)
 FILE_LIST_PATH = f"{HIDDEN_SUBDIR}/{FILE_LIST}"  # meta.json's "file_list": declares that the list exists
 
-# The columns every split has, in the organisers' order (data.md section 1.1).
+# The columns every split has, in the organisers' order (docs/data.md section 1.1).
 ROW_FIELDS = [
     pa.field("user_id", pa.int64()),
     pa.field("item_seq", pa.list_(pa.int64())),

@@ -1,6 +1,6 @@
 """Scoring with a trained run: the challenge submission, per-row validation predictions, evaluation.
 
-Submission format (data.md section 3): header `ID,<column>` (Task2 by default), one row per test
+Submission format (docs/data.md section 3): header `ID,<column>` (Task2 by default), one row per test
 row in test-row order, IDs 0..n-1, probabilities in [0, 1]. The file is validated before it is
 moved into place, and a JSON sidecar records where it came from.
 

@@ -237,7 +237,7 @@ def main() -> None:
     load_seconds = time.perf_counter() - started
     model_root = args.work / "checkpoints"
     (model_root / DATASET_ID).mkdir(parents=True, exist_ok=True)
-    # DIN_default (model.md section 7 / data.md section 4): emb 64, attention MLP [512, 256] ReLU,
+    # DIN_default (docs/model.md section 7 / docs/data.md section 4): emb 64, attention MLP [512, 256] ReLU,
     # attention dropout 0.1, no softmax, DNN [1024, 512, 256] ReLU with BN, net dropout 0.1, lr 1e-3,
     # emb_reg 0, Adam, BCE.
     model = DIN(feature_map, model_id="DIN_peer", gpu=-1, embedding_dim=args.embedding_dim,

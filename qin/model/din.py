@@ -1,4 +1,5 @@
-"""DIN, the organisers' baseline (FuxiCTR DIN with the challenge's DIN_default config; model.md section 7).
+"""DIN, the organisers' baseline (FuxiCTR DIN with the challenge's DIN_default config; docs/model.md
+section 7).
 
     embeddings -> item vectors -> DIN attention pooling -> [likes ‖ views ‖ v_t ‖ pooled] -> DNN -> logit
 

@@ -15,7 +15,7 @@ Notation (used in every shape comment of `qin/model/`):
     R    rows of the Khatri-Rao product (`num_row`)
     H    QNN-alpha heads; d = D / H is one head's width
 
-Initialisation follows FuxiCTR (model.md section 2.1): embedding tables N(0, 1e-4^2) with a zero padding
+Initialisation follows FuxiCTR (docs/model.md section 2.1): embedding tables N(0, 1e-4^2) with a zero padding
 row, every nn.Linear xavier_normal_ with zero bias, BatchNorm/PReLU/Dice with their defaults. It is applied
 by `init_weights`, which each model calls once at the end of its constructor.
 """
@@ -152,7 +152,7 @@ class ItemEncoder(nn.Module):
 
 
 class FeatureEmbedding(nn.Module):
-    """Every embedding of a model: likes, views and the item encoder (model.md section 2.1)."""
+    """Every embedding of a model: likes, views and the item encoder (docs/model.md section 2.1)."""
 
     def __init__(self, vocab: Vocab, items: ItemTables, embedding_dim: int, mm_out_dim: int,
                  level_zero: LevelZero) -> None:
@@ -180,7 +180,7 @@ class FeatureEmbedding(nn.Module):
         return level
 
     def regularized_parameters(self) -> list[nn.Parameter]:
-        """What the embedding L2 covers: all four tables and W_mm (model.md section 2.5)."""
+        """What the embedding L2 covers: all four tables and W_mm (docs/model.md section 2.5)."""
         return [self.likes.weight, self.views.weight, self.items.item_id.weight,
                 self.items.item_tags.weight, self.items.mm_proj.weight]
 
@@ -267,7 +267,7 @@ def batch_labels(batch: Batch) -> torch.Tensor:
 
 
 class TargetAttention(nn.Module):
-    """QIN's Adaptive Sparse Target Attention (ASTA, model.md section 2.2): one head, no dropout.
+    """QIN's Adaptive Sparse Target Attention (ASTA, docs/model.md section 2.2): one head, no dropout.
 
     alpha_i = ReLU(mask_i * (q . k_i) / sqrt(A)), p = W_o (sum_i alpha_i u_i) + v_t.
     The score is MULTIPLIED by the 0/1 mask (not -inf filled), as in the reference: a padded slot scores 0,
@@ -348,7 +348,7 @@ class SoftmaxTargetAttention(TargetAttention):
 class MeanPooling(nn.Module):
     """Baseline pooling: the plain mean of the real history item vectors, the same for every target.
 
-    No parameters and no target in the weights: this is the "mean-pooled MLP" of demo_data.md, the model
+    No parameters and no target in the weights: this is the "mean-pooled MLP" of docs/demo_data.md, the model
     target attention is meant to beat, because averaging washes out a sharp match with one past interest.
     Same interface as TargetAttention, so QIN's encoder runs it unchanged; no residual to the target, which
     is in z0 already.
@@ -472,7 +472,7 @@ class DINAttention(nn.Module):
 
 
 class QuadraticLayer(nn.Module):
-    """One layer of QIN's quadratic tower (model.md section 2.4); (B, D) -> (B, D).
+    """One layer of QIN's quadratic tower (docs/model.md section 2.4); (B, D) -> (B, D).
 
     h = Dropout(W z + b) split into R chunks of D; y = z ⊙ sum_r h_r; y = Dropout(act(BN(y))); out = y + z.
     Summing the R chunks equals one D x D linear with summed weights; R still changes the parameter count,
@@ -524,7 +524,7 @@ class QuadraticTower(LayerTower):
 
 
 class QNNAlphaLayer(nn.Module):
-    """One QNN-alpha layer (model.md section 3): mid-activation branch, multi-head Khatri-Rao product.
+    """One QNN-alpha layer (docs/model.md section 3): mid-activation branch, multi-head Khatri-Rao product.
 
     g = Dropout(ReLU(BN(W z + b))) reshaped (H, R, d); head h of z = slice h of every field (fields of width
     E); y_h = z_h ⊙ sum_r g_{h,r}; out = Dropout(N([y_1 ‖ ... ‖ y_H]) + z).  (B, D) -> (B, D).

@@ -1,4 +1,4 @@
-"""QIN (QIN_variety_v9, model.md section 2) and its ablations. Read top to bottom: the data flow is
+"""QIN (QIN_variety_v9, docs/model.md section 2) and its ablations. Read top to bottom: the data flow is
 
     embeddings -> item vectors (target + history) -> ASTA -> z0 = [likes ‖ views ‖ v_t ‖ p] -> tower -> logit
 
@@ -129,7 +129,7 @@ class QINNoPReLU(QIN):
 
 
 class MeanPoolMLP(QINMLP):
-    """Baseline: the mean of the history item vectors in place of ASTA, and an MLP tower (demo_data.md's
+    """Baseline: the mean of the history item vectors in place of ASTA, and an MLP tower (docs/demo_data.md's
     "plain MLP over [target, mean-pooled history]", with the likes/views fields as every model has them)."""
 
     def build_attention(self, item_dim: int, attention_dim: int) -> HistoryPooling | None:

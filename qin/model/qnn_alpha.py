@@ -1,4 +1,4 @@
-"""QNN-alpha on QIN's inputs, trained with the Self-Ensemble loss (model.md section 3).
+"""QNN-alpha on QIN's inputs, trained with the Self-Ensemble loss (docs/model.md section 3).
 
     embeddings -> item vectors -> ASTA -> z0 = [likes ‖ views ‖ v_t ‖ p] -> QNN-alpha tower -> logit
 

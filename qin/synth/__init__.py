@@ -1,4 +1,4 @@
-"""Demo data generator: the challenge's files and dtypes, drawn from a known process (see spec demo_data.md).
+"""Demo data generator: the challenge's files and dtypes, drawn from a known process (see docs/demo_data.md).
 
 Because the process is known, every row's true click probability ``p_true`` is known, and so is the best AUC
 any model can reach on it. `synthesize` writes::
@@ -14,7 +14,7 @@ inside an entry makes the run refuse: qin.layout.check_out_dir), so real data ar
 Notation: N items (ids 1..N, 0 = padding), T tags (ids 1..T), K topics, U users, n rows, S stored history
 length, d = d_lat latent dimension, Σ = total history slots over a set of rows (ragged).
 
-The process (demo_data.md §2-3), in one paragraph: items have a topic, a unit latent vector v near their
+The process (docs/demo_data.md §2-3), in one paragraph: items have a topic, a unit latent vector v near their
 topic centre, a Zipf popularity, tags drawn mostly from their topic's pool, and content vectors (BERT-like
 768-d text, CLIP-like 1024-d image, a title, a cover image) made from a *content* latent that shares only
 part of v's item-specific part. Users have 1-3 interest topics; their history is topic- and

@@ -17,12 +17,12 @@ TXT_DIM = 768  # BERT-base width, as in txt_emb_BERT
 IMG_DIM = 1024  # CLIP RN50 width, as in img_emb_CLIPRN50
 EMB_DIM = 128  # item_emb_d128
 N_ITEM_TAGS = 5  # item_info.item_tags is zero-padded to 5
-CANDIDATES_PER_USER = 4  # ~3.6-4 rows per user in the real train split (data.md §1.1)
+CANDIDATES_PER_USER = 4  # ~3.6-4 rows per user in the real train split (docs/data.md §1.1)
 EMB_VARIANTS = ("item_emb_d128_v1", "item_emb_d128_v2", "item_emb_d128_v3", "item_emb_d128_e4")
 
 
 class SynthSize(str, enum.Enum):  # noqa: UP042 - the (str, Enum) form is the agreed public API
-    """Named data-set sizes (demo_data.md §5-6)."""
+    """Named data-set sizes (docs/demo_data.md §5-6)."""
 
     tiny = "tiny"
     small = "small"
@@ -85,7 +85,7 @@ class SynthParams:
     p_repeat: float = 0.05  # ... and repeats an earlier history item with this prob.
     hist_pop_power: float = 1.0  # history items are drawn ∝ π^power (in a topic or globally)
     prefixes_per_user: int = 6  # item_seq.parquet rows per user (the last few prefixes of the history)
-    # --- candidates and label function f (demo_data.md §3)
+    # --- candidates and label function f (docs/demo_data.md §3)
     p_topic_candidate: float = 0.35
     # Candidates are drawn from a flatter law than histories: with π itself the top item would be ~15% of
     # all rows; with π^0.75 it is 3-7% and nearly every item is a target somewhere (as in the real data).

@@ -108,7 +108,7 @@ def signals(user: np.ndarray, item: np.ndarray, users: Users, items: Items,
 
 def _raw_logit(s_att: np.ndarray, s_rep: np.ndarray, s_tag: np.ndarray, user: np.ndarray, item: np.ndarray,
                users: Users, items: Items, prm: SynthParams) -> np.ndarray:
-    """f − β0 (demo_data.md §3). All inputs (n,); returns (n,) float64."""
+    """f − β0 (docs/demo_data.md §3). All inputs (n,); returns (n,) float64."""
     q = items.quality[item]
     return (prm.w_att * s_att + prm.w_att_q * s_att * q + prm.w_tag_q * s_tag * q + prm.w_rep * s_rep
             + prm.w_q * q + prm.w_pop * items.pop_z[item] + users.bias[user] + items.w_item[item])
