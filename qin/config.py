@@ -236,6 +236,9 @@ class TrainConfig(_Section):
                     "row (QNN-alpha's self-ensemble sums three such terms); null = no limit (NaN and inf "
                     "always stop a run).")
     run_root: StrictStr = Field("runs", description="Runs go to <run_root>/<run name>/.")
+    tensorboard: StrictBool = Field(
+        False, description="Also write every evaluation to <run>/tensorboard/ for TensorBoard (needs the "
+                           "tensorboard package); metrics.jsonl stays the record qin reads.")
 
     @model_validator(mode="after")
     def _min_lr_within_learning_rate(self) -> TrainConfig:

@@ -99,3 +99,21 @@ def test_evaluate_the_test_split_against_the_truth(trained):
     assert metrics["rows"] == 1000 and 0.5 < metrics["auc"] < metrics["oracle_auc"] <= 1
     no_truth = invoke("evaluate", "--run", str(root / "run"), "--split", "test")
     assert no_truth.exit_code == 2 and "pass --truth" in no_truth.output
+
+
+def test_tensorboard_is_optional_and_said_when_missing(trained, monkeypatch):
+    import builtins
+
+    root, _ = trained
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    result = invoke("train", "-c", str(root / "run" / "config.yaml"), "--set", "train.tensorboard=true",
+                    "--run-dir", str(root / "tb"), "--no-progress")
+    assert result.exit_code == 2 and "needs the tensorboard package" in result.output
+    assert not (root / "tb").exists()

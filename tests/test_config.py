@@ -130,7 +130,7 @@ FIELD_ORDER = {
              "qnn_alpha_bounded",
     "train": "learning_rate batch_size embedding_regularizer regularization net_regularizer epochs "
              "patience lr_decay_factor min_lr min_delta max_grad_norm warmup_steps eval_steps "
-             "eval_batch_size seed device bf16 compile threads max_steps max_loss run_root",
+             "eval_batch_size seed device bf16 compile threads max_steps max_loss run_root tensorboard",
 }
 
 

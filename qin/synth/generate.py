@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from qin.errors import QinError, os_error
@@ -164,7 +165,7 @@ def _synthesize(out_dir: Path, size: SynthSize, seed: int, test_label: bool, ima
     try:
         _check_out_dir(out_dir)
         tmp = make_temp_dir(out_dir)
-        with Progress(*columns, disable=not progress) as bar:
+        with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:
             meta = _build(tmp, spec, size, seed, test_label, images, prm, bar)
         _install(tmp, out_dir)
     except OSError as error:  # a full disk, a read-only folder: the user's to fix, in one line

@@ -63,6 +63,7 @@ class Training:
     steps_per_epoch: int
     console: Console
     evaluations: list[dict[str, Any]]
+    tensorboard: Any = None  # a torch SummaryWriter when train.tensorboard is on (rank 0 only)
 
     @property
     def metrics_path(self) -> Path:
@@ -137,8 +138,19 @@ def _set_up(cfg: Config, features: FeatureSet, run_dir: Path, console: Console) 
     full_batches, tail_rows = divmod(train_split.rows, train_cfg.batch_size)
     # A tail smaller than the process count is dropped under DDP (see step.shard_order).
     steps_per_epoch = full_batches + (1 if tail_rows and tail_rows >= dist.world_size else 0)
+    writer = _tensorboard_writer(run_dir) if train_cfg.tensorboard and dist.is_main else None
     return Training(cfg, features, run_dir, dist, device, model, optimizer, step_fn, train_split, valid_split,
-                    steps_per_epoch, console, evaluations=[])
+                    steps_per_epoch, console, evaluations=[], tensorboard=writer)
+
+
+def _tensorboard_writer(run_dir: Path) -> Any:
+    """A SummaryWriter on <run>/tensorboard; the package is optional, so its absence is a clear error."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as error:
+        raise QinError("train.tensorboard: true needs the tensorboard package (pip install tensorboard); "
+                       "metrics.jsonl has every evaluation without it") from error
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
 
 def _build(cfg: Config, features: FeatureSet, device: torch.device) -> CTRModel:
@@ -245,6 +257,10 @@ def _evaluate_and_schedule(training: Training, state: LoopState, train_loss: flo
     if training.dist.is_main:
         append_jsonl(training.metrics_path, record)
         training.console.log(_format_record(record))
+        if training.tensorboard is not None:
+            for key in ("train_loss", "valid_auc", "valid_logloss", "lr", "samples_per_second"):
+                training.tensorboard.add_scalar(key, record[key], global_step=state.global_step)
+            training.tensorboard.flush()
 
 
 def _save_last(training: Training, state: LoopState) -> None:
@@ -256,6 +272,8 @@ def _save_last(training: Training, state: LoopState) -> None:
 def _finish(training: Training, state: LoopState, summarise: bool) -> FitResult:
     """Reload the best weights, score valid once more, write result.json (unless already written)."""
     distributed.barrier(training.dist)
+    if training.tensorboard is not None:
+        training.tensorboard.close()
     best_path = training.run_dir / "best.pt"
     load_weights(training.model, load_checkpoint(best_path)["model_state"], best_path)
     final = evaluate(training.model, training.valid_split, training.device, training.cfg.train, training.dist)

@@ -29,7 +29,7 @@ from qin.runtime import load_weights
 # Settings that change how fast or where a run goes, never what it computes: a resume may change them.
 RUNTIME_KEYS = frozenset({
     ("train", "threads"), ("train", "device"), ("train", "compile"), ("train", "eval_batch_size"),
-    ("train", "run_root"), ("data", "features_root"), ("model", "unique_items"),
+    ("train", "run_root"), ("data", "features_root"), ("model", "unique_items"), ("train", "tensorboard"),
 })
 
 
