@@ -326,11 +326,15 @@ def report(
     features: Annotated[Path | None, typer.Option(help="Feature folder (default: the one trained on).")]
     = None,
     out: Annotated[Path | None, typer.Option(help="HTML file (default: <run>/error_analysis.html).")] = None,
+    compare: Annotated[Path | None, typer.Option(help="A second finished run on the same validation rows: "
+                                                      "both side by side, and the rows where they disagree.")]
+    = None,
 ) -> None:
     """Execute the error-analysis notebook for a run: <run>/error_analysis.{ipynb,html} and <run>/figures/."""
     from qin.analysis import render_report
 
-    result = render_report(_run_dir_or_latest(run), out_html=out, truth_dir=truth, feature_dir=features)
+    result = render_report(_run_dir_or_latest(run), out_html=out, truth_dir=truth, feature_dir=features,
+                           compare_run=compare)
     console.print(f"wrote {result.notebook}, {result.html} and {len(result.figures)} figures in "
                   f"{result.notebook.parent / 'figures'} ({result.seconds:.0f} s)")
     print(result.html)

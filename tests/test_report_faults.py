@@ -141,7 +141,8 @@ def test_a_figures_folder_of_report_figures_is_replaced(run, stop_at_execution):
 
 def test_figure_names_come_from_the_source_notebooks_tags():
     names = report._figure_names(nbformat.read(analysis.NOTEBOOK, as_version=4))
-    assert {"slices", "calibration", "attention", "learning_curves"} <= names
+    assert {"slices", "calibration", "attention", "learning_curves", "slice_calibration", "attention_stats",
+            "comparison"} <= names
     ours = {"slices"}
     for name in ("slices.png", "slices-2.png", "slices-10.png"):
         assert report._is_report_figure(name, ours), name
@@ -490,3 +491,51 @@ def test_another_file_as_the_run_is_named(run, no_execution):
         analysis.render_report(run / "last.pt")
     with pytest.raises(QinError, match="no best.pt"):
         analysis.render_report(run / "missing")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 5. A second run to compare with (--compare)
+
+
+def test_a_compare_run_that_is_not_a_finished_run_is_refused(run, tmp_path, no_execution):
+    with pytest.raises(QinError, match=r"^the run to compare with: .*missing: not a finished run \(no best"):
+        analysis.render_report(run, compare_run=tmp_path / "missing")
+    (tmp_path / "last.pt").write_bytes(b"x")
+    with pytest.raises(QinError, match="is a file; pass the run folder"):
+        analysis.render_report(run, compare_run=tmp_path / "last.pt")
+    assert not (run / "error_analysis.ipynb").exists()
+
+
+def test_the_compare_run_reaches_the_kernel_and_keeps_the_comparison_cells(run, tmp_path, monkeypatch):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "best.pt").write_bytes(b"not a checkpoint")
+    seen: list[tuple[dict, list]] = []
+
+    def stop(self, *args, **kwargs):
+        seen.append((kwargs["env"], [cell.metadata.get("tags", []) for cell in self.nb.cells]))
+        raise Executed
+
+    monkeypatch.setattr(NotebookClient, "async_execute", stop)
+    monkeypatch.setenv("QIN_COMPARE_RUN_DIR", str(other))  # a stale variable of the shell is not passed on
+    with pytest.raises(Executed):
+        analysis.render_report(run)
+    with pytest.raises(Executed):
+        analysis.render_report(run, compare_run=other / "best.pt")  # a best.pt means its run folder
+    (without_env, without_tags), (with_env, with_tags) = seen
+    assert "QIN_COMPARE_RUN_DIR" not in without_env
+    assert with_env["QIN_COMPARE_RUN_DIR"] == str(other.resolve())
+    source = nbformat.read(analysis.NOTEBOOK, as_version=4)
+    compare = sum(analysis.COMPARE_TAG in cell.metadata.get("tags", []) for cell in source.cells)
+    assert compare >= 5 and len(with_tags) == len(source.cells)
+    assert len(without_tags) == len(source.cells) - compare
+    assert not any(analysis.COMPARE_TAG in tags for tags in without_tags)
+
+
+def test_a_comparison_figure_of_an_earlier_report_is_replaced_without_a_compare_run(run, stop_at_execution):
+    figures = run / "figures"
+    figures.mkdir()
+    (figures / "comparison.png").write_bytes(b"an earlier report's")
+    with pytest.raises(Executed):
+        analysis.render_report(run)
+    assert len(stop_at_execution) == 1

@@ -25,6 +25,7 @@ from qin.runs import atomic_write_bytes, atomic_write_text, check_replaceable, f
 
 NOTEBOOK = files("qin") / "notebooks" / "error_analysis.ipynb"  # package data; a Path unless qin is zipped
 FIGURE_TAG = "figure:"  # a code cell tagged "figure:<name>" saves its images as figures/<name>.png
+COMPARE_TAG = "compare"  # cells of the two-run comparison: left out of a report without a compare run
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,8 @@ class Report:
 
 def render_report(run_dir: Path | str, out_html: Path | str | None = None,
                   truth_dir: Path | str | None = None, feature_dir: Path | str | None = None,
-                  notebook: Path | str | None = None, timeout: int = 1800) -> Report:
+                  notebook: Path | str | None = None, timeout: int = 1800,
+                  compare_run: Path | str | None = None) -> Report:
     """Execute the error-analysis notebook for `run_dir` and write it out with its figures.
 
     Writes (each atomically) `<run_dir>/error_analysis.ipynb` (executed, marked as written by qin in its
@@ -46,6 +48,10 @@ def render_report(run_dir: Path | str, out_html: Path | str | None = None,
     replaced as a whole). The kernel is this interpreter's ipykernel, started in the current folder (a
     run's paths are relative to it) with QIN_RUN_DIR (and QIN_TRUTH_DIR, QIN_FEATURE_DIR when given) in
     its environment.
+
+    `compare_run` (a second run folder or its best.pt) adds the side-by-side comparison: the kernel gets
+    QIN_COMPARE_RUN_DIR, and the cells tagged `compare` run (without it they are left out of the report).
+    Both runs must have scored the same validation rows; the notebook refuses otherwise.
 
     Before the notebook runs, every output is checked: an existing HTML must be an earlier qin report,
     an existing executed copy must be one qin wrote, `figures/` may hold only the PNGs this report
@@ -69,6 +75,12 @@ def render_report(run_dir: Path | str, out_html: Path | str | None = None,
 
     started = time.perf_counter()
     run_dir = _report_run_dir(Path(run_dir))
+    compare_dir = None
+    if compare_run is not None:
+        try:
+            compare_dir = _report_run_dir(Path(compare_run))
+        except QinError as error:
+            raise QinError(f"the run to compare with: {error}") from error
     html = Path(out_html) if out_html is not None else run_dir / "error_analysis.html"
     if html.suffix.lower() != ".html":
         raise QinError(f"{html}: the report is an .html file; use --out NAME.html")
@@ -83,14 +95,17 @@ def render_report(run_dir: Path | str, out_html: Path | str | None = None,
     nb = nbformat.reads(source.read_text(encoding="utf-8"), as_version=4)
     executed = run_dir / "error_analysis.ipynb"
     _check_executed_copy(executed, nb)
-    _check_figures_folder(figures_dir, _figure_names(nb))
+    _check_figures_folder(figures_dir, _figure_names(nb))  # every figure of the notebook, comparison included
+    if compare_dir is None:
+        nb.cells = [cell for cell in nb.cells if COMPARE_TAG not in cell.get("metadata", {}).get("tags", [])]
     for folder in _output_folders(run_dir, figures_dir, html):
         _check_writable(folder)
 
     nb.metadata["qin"] = dict(REPORT_MARK)  # lets the next report replace this executed copy
     env = {**os.environ, "QIN_RUN_DIR": str(run_dir.resolve()),
            "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
-    for name, value in (("QIN_TRUTH_DIR", truth_dir), ("QIN_FEATURE_DIR", feature_dir)):
+    for name, value in (("QIN_TRUTH_DIR", truth_dir), ("QIN_FEATURE_DIR", feature_dir),
+                        ("QIN_COMPARE_RUN_DIR", compare_dir)):
         env.pop(name, None)
         if value is not None:
             env[name] = str(Path(value).resolve())

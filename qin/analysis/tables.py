@@ -1,27 +1,25 @@
-"""Error-analysis tables: metrics, AUC by slice, calibration, worst errors, neighbours, attention, curves.
+"""Error-analysis tables: overall metrics, calibration, worst errors, neighbours, learning curves.
 
 Each function returns a polars frame (tested on hand-made data); the frames are those of `load.py`.
+Slices are in `slices.py`, attention in `attention.py`, baselines in `baseline.py`.
 """
 
 from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import assert_never
 
 import numpy as np
 import polars as pl
 
+from qin.analysis.baseline import BASELINE_COLUMNS
 from qin.analysis.load import AnalysisData
 from qin.errors import QinError
-from qin.metrics import auc, logloss
-from qin.predict import one_request
+from qin.metrics import auc, calibration_ratio, gauc, logloss, normalized_entropy
 from qin.runs import read_jsonl
-
-HISTORY_BUCKETS: tuple[int, ...] = (0, 1, 5, 10, 20, 40, 80)
-POPULARITY_BUCKETS: tuple[int, ...] = (0, 1, 6, 21, 101, 501)
 
 
 class ErrorKind(enum.StrEnum):
@@ -48,108 +46,44 @@ def expected_calibration_error(labels: np.ndarray, scores: np.ndarray, bins: int
 
 
 def overall_metrics(frame: pl.DataFrame) -> pl.DataFrame:
-    """metric | model | oracle (null without p_true): rows, label rate, mean prediction, AUC, logloss, ECE."""
-    labels = frame["label"].to_numpy()
-    scores = {"model": frame["prediction"].to_numpy()}
-    if "p_true" in frame.columns:
-        scores["oracle"] = frame["p_true"].to_numpy()
+    """metric | model | oracle | <baselines>: rows, label rate, mean prediction, AUC, GAUC, logloss, NE,
+    calibration ratio, ECE of every score the frame has.
 
-    def column(fn) -> list[float | None]:
-        return [fn(scores[name]) if name in scores else None for name in ("model", "oracle")]
+    Scores: `prediction` (model), `p_true` (oracle: the column is null without it) and each baseline column
+    present (`with_baselines`: popularity, lr_2). GAUC is the per-user AUC weighted by rows
+    (`qin.metrics.gauc`; needs user_id, else null); NE is logloss over the entropy of the label rate
+    (1 = no better than the rate); the calibration ratio is sum p / sum y (1 = calibrated on the whole).
+    popularity is a ranking score, not a probability: it has AUC and GAUC only.
+    """
+    labels = frame["label"].to_numpy()
+    users = frame["user_id"].to_numpy() if "user_id" in frame.columns else None
+    probability = {"model": True, "oracle": True, **BASELINE_COLUMNS}
+    columns = {"model": "prediction", "oracle": "p_true", **{c: c for c in BASELINE_COLUMNS}}
+    names = ["model", "oracle", *[c for c in BASELINE_COLUMNS if c in frame.columns]]
+    scores = {name: frame[columns[name]].cast(pl.Float64).to_numpy() for name in names
+              if columns[name] in frame.columns}
+
+    def row(fn: Callable[[np.ndarray], float], probabilities_only: bool = True) -> list[float | None]:
+        return [fn(scores[name]) if name in scores and (probability[name] or not probabilities_only) else None
+                for name in names]
+
+    def per_user(s: np.ndarray) -> float:
+        return gauc(labels, s, users) if users is not None else None
 
     rows = [
-        ("rows", [float(len(labels)), None]),
-        ("label rate", [float(labels.mean()) if len(labels) else math.nan, None]),
-        ("mean prediction", column(lambda s: float(s.mean()))),
-        ("AUC", column(lambda s: auc(labels, s))),
-        ("logloss", column(lambda s: logloss(labels, s))),
-        ("calibration error (ECE)", column(lambda s: expected_calibration_error(labels, s))),
+        ("rows", [float(len(labels))] + [None] * (len(names) - 1)),
+        ("label rate", [float(labels.mean()) if len(labels) else math.nan] + [None] * (len(names) - 1)),
+        ("mean prediction", row(lambda s: float(s.mean()))),
+        ("AUC", row(lambda s: auc(labels, s), probabilities_only=False)),
+        ("GAUC", row(per_user, probabilities_only=False)),
+        ("logloss", row(lambda s: logloss(labels, s))),
+        ("NE", row(lambda s: normalized_entropy(labels, s))),
+        ("calibration ratio", row(lambda s: calibration_ratio(labels, s))),
+        ("calibration error (ECE)", row(lambda s: expected_calibration_error(labels, s))),
     ]
-    return pl.DataFrame({"metric": [name for name, _ in rows], "model": [v[0] for _, v in rows],
-                         "oracle": [v[1] for _, v in rows]}, schema={"metric": pl.String, "model": pl.Float64,
-                                                                     "oracle": pl.Float64})
-
-
-def bucket_labels(edges: Sequence[float]) -> list[str]:
-    """Names of the buckets [e0, e1), [e1, e2), ..., [e_last, inf) of `slice_auc(buckets=edges)`."""
-    integer = all(float(e).is_integer() for e in edges)
-    labels = []
-    for lo, hi in zip(edges, [*edges[1:], None], strict=True):
-        if hi is None:
-            labels.append(f">={lo:g}")
-        elif integer and hi - lo == 1:
-            labels.append(f"{lo:g}")
-        elif integer:
-            labels.append(f"{lo:g}-{hi - 1:g}")
-        else:
-            labels.append(f"[{lo:g}, {hi:g})")
-    return labels
-
-
-def slice_auc(frame: pl.DataFrame, by: str, buckets: Sequence[float] | None = None, top: int | None = None,
-              score: str = "prediction") -> pl.DataFrame:
-    """AUC of `score` within each slice of column `by`.
-
-    Args:
-        frame: rows with `label`, `score` and `by` (and p_true for the oracle column).
-        by: the slicing column; a list column (tags) puts a row in every slice of its list.
-        buckets: ascending edges for a numeric column: buckets [e0, e1), ..., [e_last, inf); rows
-            below e0 are dropped. None = one slice per distinct value.
-        top: keep the `top` largest slices (ordered by rows), e.g. the most frequent tags.
-        score: the column to rank by.
-
-    Returns:
-        slice (str), rows, positives, label_rate, mean_prediction, auc (NaN with one class), and
-        oracle_auc when the frame has p_true; in bucket / value order (or by rows with `top`).
-    """
-    if by not in frame.columns:
-        raise QinError(f"no column {by!r} to slice by (have: {', '.join(frame.columns)})")
-    data = frame.explode(by).drop_nulls(by) if isinstance(frame.schema[by], pl.List) else frame
-    if buckets is not None:
-        edges = np.asarray(buckets, dtype=np.float64)
-        if edges.size == 0 or np.any(np.diff(edges) <= 0):
-            raise QinError(f"buckets must be non-empty and strictly ascending, got {list(buckets)}")
-        index = np.searchsorted(edges, data[by].cast(pl.Float64).to_numpy(), side="right") - 1
-        data = data.with_columns(_key=pl.Series(index, dtype=pl.Int64)).filter(pl.col("_key") >= 0)
-        names = bucket_labels(list(buckets))
-    else:
-        data = data.with_columns(_key=pl.col(by))
-    if top is not None:  # keep only the largest slices before scoring: the real data has ~12k tags
-        largest = data["_key"].value_counts().sort(["count", "_key"], descending=[True, False]).head(top)
-        data = data.filter(pl.col("_key").is_in(largest["_key"].implode()))
-    has_oracle = "p_true" in data.columns
-    records = []
-    for (key,), part in data.partition_by("_key", as_dict=True, maintain_order=True).items():
-        labels = part["label"].to_numpy()
-        record = {"_key": key, "slice": names[key] if buckets is not None else str(key), "rows": part.height,
-                  "positives": int(labels.sum()), "label_rate": float(labels.mean()),
-                  "mean_prediction": float(part[score].mean()), "auc": auc(labels, part[score].to_numpy())}
-        if has_oracle:
-            record["oracle_auc"] = auc(labels, part["p_true"].to_numpy())
-        records.append(record)
-    schema = {"_key": data.schema["_key"], "slice": pl.String, "rows": pl.Int64, "positives": pl.Int64,
-              "label_rate": pl.Float64, "mean_prediction": pl.Float64, "auc": pl.Float64}
-    if has_oracle:
-        schema["oracle_auc"] = pl.Float64
-    result = pl.DataFrame(records, schema=schema)
-    if top is not None:
-        return result.sort(["rows", "_key"], descending=[True, False]).head(top).drop("_key")
-    return result.sort("_key").drop("_key")
-
-
-def standard_slices(frame: pl.DataFrame, top_tags: int = 12) -> dict[str, pl.DataFrame]:
-    """The slices the notebook shows: history length, item popularity, cold items, levels, tags."""
-    max_history = int(frame["history_len"].max() or 0)
-    history_edges = [e for e in HISTORY_BUCKETS if e <= max_history] or [0]
-    return {
-        "history length": slice_auc(frame, "history_len", history_edges),
-        "item rows in train (popularity)": slice_auc(frame, "train_count", POPULARITY_BUCKETS),
-        "cold item": slice_auc(frame, "cold"),
-        "target already in the history": slice_auc(frame, "repeat"),
-        "likes level": slice_auc(frame, "likes_level"),
-        "views level": slice_auc(frame, "views_level"),
-        f"tag (the {top_tags} most frequent)": slice_auc(frame, "tags", top=top_tags),
-    }
+    return pl.DataFrame({"metric": [name for name, _ in rows],
+                         **{name: [v[i] for _, v in rows] for i, name in enumerate(names)}},
+                        schema={"metric": pl.String, **dict.fromkeys(names, pl.Float64)})
 
 
 def calibration_table(frame: pl.DataFrame, bins: int = 10, strategy: BinStrategy | str = BinStrategy.uniform,
@@ -240,65 +174,6 @@ def explain_errors(data: AnalysisData, kind: ErrorKind | str, n: int = 8, k: int
     return (errors.join(text, left_on="item_id", right_on="query_item", how="left", maintain_order="left")
             .with_columns(pl.col("prediction").round(4), pl.col("train_ctr").round(3))
             .select(columns))
-
-
-def attention_for(data: AnalysisData, row: int, targets: Sequence[int] | None = None) -> pl.DataFrame | None:
-    """Attention weight of each history item of validation `row`, for its target or chosen targets.
-
-    Returns:
-        One row per (target, history item): target_item, target_title, label (the user's validation label
-        for that item, null when the user has no such row), prediction (the model's, for this history),
-        slot (0 = oldest), item_id, title, weight, shares_tag (the history item has a tag of the target),
-        cosine (of the two item vectors). None for a model without attention (e.g. qin_no_asta).
-    """
-    import torch
-
-    from qin.batch import Batch
-
-    valid = data.run.features.split("valid")
-    if not 0 <= row < len(valid.item_id):
-        raise QinError(f"row {row} is not in the validation split (0..{len(valid.item_id) - 1})")
-    chosen = [int(valid.item_id[row])] if targets is None else [int(t) for t in targets]
-    history = np.asarray(valid.history[row], dtype=np.int64)  # (L,)
-    likes = np.full(len(chosen), int(valid.likes_level[row]), dtype=np.int64)  # encoded (level + 1)
-    views = np.full(len(chosen), int(valid.views_level[row]), dtype=np.int64)
-    batch = Batch(target_item=torch.as_tensor(chosen, dtype=torch.long),
-                  history=torch.as_tensor(history).view(1, -1).expand(len(chosen), -1),  # (T, L)
-                  likes_level=torch.as_tensor(likes), views_level=torch.as_tensor(views)).to(data.run.device)
-    with torch.no_grad():
-        weights = data.run.model.attention_weights(batch)  # (T, L) or None
-    if weights is None:
-        return None
-    weights = weights.float().cpu().numpy()
-    predictions = one_request(data.run, history, np.array(chosen), likes, views)  # (T,)
-    keep = np.flatnonzero(history != 0)  # real slots, oldest first
-    vectors = np.asarray(data.run.features.item_emb, dtype=np.float64)
-    item_tags = zip(data.items["item_id"].to_list(), data.items["tags"].to_list(), strict=True)
-    tag_sets = {int(i): set(t) for i, t in item_tags}
-    user = data.frame["user_id"][row]
-    labels = dict(data.frame.filter(pl.col("user_id") == user).select("item_id", "label").iter_rows())
-    records = []
-    for t, target in enumerate(chosen):
-        for slot, position in enumerate(keep):
-            item = int(history[position])
-            records.append((target, labels.get(target), float(predictions[t]), slot, item,
-                            float(weights[t, position]),
-                            bool(tag_sets.get(item, set()) & tag_sets.get(target, set())),
-                            _cosine(vectors[target], vectors[item])))
-    frame = pl.DataFrame(records, orient="row", schema={
-        "target_item": pl.Int64, "label": pl.Float64, "prediction": pl.Float64, "slot": pl.Int64,
-        "item_id": pl.Int64, "weight": pl.Float64, "shares_tag": pl.Boolean, "cosine": pl.Float64})
-    titles = data.items.select("item_id", "title")
-    frame = frame.join(titles, on="item_id", how="left", maintain_order="left").join(
-        titles.rename({"item_id": "target_item", "title": "target_title"}), on="target_item", how="left",
-        maintain_order="left")
-    return frame.select("target_item", "target_title", "label", "prediction", "slot", "item_id", "title",
-                        "weight", "shares_tag", "cosine")
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    norm = float(np.linalg.norm(a) * np.linalg.norm(b))
-    return float(a @ b / norm) if norm > 0 else 0.0
 
 
 def learning_curves(run_dir: Path | str) -> pl.DataFrame:
