@@ -285,7 +285,8 @@ class Config(BaseModel):
                     raw[section] = {**raw[section], **values}
                 else:
                     raw[section] = values
-        overridden = {_apply_override(raw, item) for item in overrides or []}
+        overridden = {_apply_override(raw, item, source=" + ".join(str(item) for item in paths))
+                      for item in overrides or []}
         source = " + ".join(str(item) for item in paths)
         return Config.from_dict(raw, source=source, overridden=frozenset(overridden))
 
@@ -366,6 +367,8 @@ def comparable(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _read_yaml_with_base(path: Path, seen: tuple[Path, ...], follow_base: bool = True) -> dict[str, Any]:
+    if path.exists() and not path.is_file():
+        raise QinError(f"{path}: is a folder or a device, not a YAML config file")
     if not path.is_file():
         raise QinError(f"config file not found: {path}")
     if path.resolve() in seen:
@@ -381,6 +384,8 @@ def _read_yaml_with_base(path: Path, seen: tuple[Path, ...], follow_base: bool =
     base_name = raw.pop("base", None)
     if base_name is None or not follow_base:
         return raw
+    if not isinstance(base_name, str) or not base_name.strip():
+        raise QinError(f"{path}: base: must name one YAML file (relative to this one), got {base_name!r}")
     base = _read_yaml_with_base((path.parent / str(base_name)), seen + (path.resolve(),))
     for section, values in raw.items():
         if isinstance(values, dict) and isinstance(base.get(section), dict):
@@ -413,15 +418,18 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _apply_override(raw: dict[str, Any], item: str) -> str:
-    """Apply one `section.key=value` to the raw tree; returns "section.key"."""
+def _apply_override(raw: dict[str, Any], item: str, source: str = "the config") -> str:
+    """Apply one `section.key=value` to the raw tree (read from `source`); returns "section.key"."""
     key, sep, text = item.partition("=")
     section, dot, name = key.strip().partition(".")
     if not sep or not dot or not name:
         raise QinError(f"override '{item}' must look like section.key=value (e.g. train.learning_rate=1e-3)")
     raw.setdefault(section, {})
+    if raw[section] is None:
+        raw[section] = {}  # `train:` with nothing under it: the defaults
     if not isinstance(raw[section], dict):
-        raise QinError(f"override '{item}': section '{section}' is not a mapping")
+        raise QinError(f"{source}: section '{section}' must be a mapping of keys, got {raw[section]!r} "
+                       f"(so --set {key.strip()} has nowhere to go)")
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as error:
@@ -493,7 +501,9 @@ def _one_line(error: ValidationError, source: str, overridden: frozenset[str]) -
     if extra:
         section = extra[0][0]
         keys = sorted(f"{section}.{loc[1]}" for loc in extra if loc[0] == section)
-        return QinError(f"{source}: unknown config key(s) {', '.join(keys)}; valid keys of '{section}': "
+        # A typo given with --set is the command line's, not the file's.
+        where = "--set" if keys and all(key in overridden for key in keys) else source
+        return QinError(f"{where}: unknown config key(s) {', '.join(keys)}; valid keys of '{section}': "
                         f"{', '.join(sorted(_SECTIONS[section].model_fields))}")
     problem = problems[0]
     loc = problem["loc"]

@@ -35,6 +35,7 @@ HIDDEN_SUBDIR = "hidden"
 META_FILE = "meta.json"  # in HIDDEN_SUBDIR
 FILE_LIST = "files.txt"  # in HIDDEN_SUBDIR: every file a generator wrote (see write_file_list)
 FILE_LIST_PATH = f"{HIDDEN_SUBDIR}/{FILE_LIST}"  # meta.json's "file_list": declares that the list exists
+TEMP_MARKER = ".qin-synth-temp"  # in a generator's temp folder: its pid, the proof that qin made the folder
 
 # The columns every split has, in the organisers' order (docs/data.md section 1.1).
 ROW_FIELDS = [
@@ -211,25 +212,46 @@ def check_out_dir(out_dir: Path, tool: str) -> None:
 def make_temp_dir(out_dir: Path) -> Path:
     """A new folder ``.<out name>.tmp-<pid>-<random>`` next to out_dir (same file system: renames work).
 
-    Stale ones of killed runs are removed first; the pid in the name tells them from a running one's.
+    It holds TEMP_MARKER (the pid) from the start: the proof that qin made it, which remove_stale_temp_dirs
+    requires before it deletes anything. Stale ones of killed runs are removed first; the pid in the name
+    tells them from a running one's.
     """
     remove_stale_temp_dirs(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
+    try:
+        (tmp / TEMP_MARKER).write_text(f"{os.getpid()}\n")
+    except BaseException:  # the caller never sees tmp: remove it here (a full disk, an interrupt)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp
+
+
+def _is_qin_temp_dir(path: Path, pid: str) -> bool:
+    """Whether path is a folder (not a link) holding TEMP_MARKER with ``pid``: make_temp_dir made it."""
+    if not path.is_dir() or path.is_symlink():
+        return False
+    marker = path / TEMP_MARKER
+    try:
+        return not marker.is_symlink() and marker.is_file() and marker.read_text().strip() == pid
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def remove_stale_temp_dirs(out_dir: Path) -> None:
     """Delete the temp folders of out_dir (see make_temp_dir) whose process no longer runs.
 
     A run removes its own temp folder on any exception, but not when it is killed outright (SIGKILL, a
-    power cut). A folder whose process is alive is a concurrent run's and is left alone, ours included.
+    power cut). A folder whose process is alive is a concurrent run's and is left alone, ours included. So is
+    any folder without make_temp_dir's TEMP_MARKER (naming its pid): a name alone proves nothing, and a
+    look-alike may be the user's.
     """
     if not out_dir.parent.is_dir():
         return
     pattern = re.compile(rf"\.{re.escape(out_dir.name)}\.tmp-(\d+)-[a-z0-9_]+")
     for path in out_dir.parent.iterdir():
         match = pattern.fullmatch(path.name)
-        if match and path.is_dir() and not path.is_symlink() and not process_alive(int(match[1])):
+        if match and _is_qin_temp_dir(path, match[1]) and not process_alive(int(match[1])):
             shutil.rmtree(path, ignore_errors=True)
 
 

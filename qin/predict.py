@@ -12,6 +12,7 @@ looks like an earlier qin output of that kind. Anything else (a folder, a device
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import zipfile
@@ -141,7 +142,8 @@ def submission_paths(out: Path, make_zip: bool) -> dict[str, Path]:
     paths = {"submission": out, "sidecar": out.with_suffix(".json")}
     if make_zip:
         paths["zip"] = out.with_suffix(".zip")
-    check_replaceable(paths["submission"], _is_submission_csv, "a submission CSV (header ID,...)")
+    check_replaceable(paths["submission"], _is_submission_csv, "a submission qin wrote (its .json "
+                                                               "sidecar records its sha256)")
     check_replaceable(paths["sidecar"], _is_sidecar, "a qin submission sidecar")
     if make_zip:
         check_replaceable(paths["zip"], _is_submission_zip, "a submission zip holding prediction.csv")
@@ -154,8 +156,29 @@ def _first_line(path: Path) -> str:
 
 
 def _is_submission_csv(path: Path) -> bool:
-    """A submission qin writes: header exactly ID,<one of the submission columns>."""
-    return _first_line(path).rstrip("\r\n") in {f"ID,{column}" for column in SUBMISSION_COLUMNS}
+    """A submission qin wrote: its header is ID,<column> and its sidecar records its sha256."""
+    header_ok = _first_line(path).rstrip("\r\n") in {f"ID,{column}" for column in SUBMISSION_COLUMNS}
+    return header_ok and _recorded_by_sidecar(path, path.with_suffix(".json"), "submission")
+
+
+def _recorded_by_sidecar(path: Path, sidecar_path: Path, name: str) -> bool:
+    """Whether the sidecar beside `path` records `path`'s current sha256 (new or about to be replaced)."""
+    try:
+        sidecar = json.loads(sidecar_path.read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(sidecar, dict) or not isinstance(sidecar.get("sha256"), dict):
+        return False
+    digest = _sha256_or_none(path)
+    return digest is not None and digest in (sidecar["sha256"].get(name),
+                                             (sidecar.get("replaces_sha256") or {}).get(name))
+
+
+def _sha256_or_none(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 def _is_sidecar(path: Path) -> bool:
@@ -169,9 +192,11 @@ def _is_sidecar(path: Path) -> bool:
 def _is_submission_zip(path: Path) -> bool:
     try:
         with zipfile.ZipFile(path) as archive:
-            return archive.namelist() == ["prediction.csv"]
+            if archive.namelist() != ["prediction.csv"]:
+                return False
     except (OSError, zipfile.BadZipFile):
         return False
+    return _recorded_by_sidecar(path, path.with_suffix(".json"), "zip")
 
 
 def _is_prediction_frame(path: Path) -> bool:
@@ -200,21 +225,29 @@ def write_submission(run: LoadedRun, out: Path, column: str = "Task2",
     buffer = io.BytesIO()
     frame.write_csv(buffer, float_precision=8)
     out = Path(out)
-    atomic_write_bytes(out, buffer.getvalue())
-    written = {"submission": str(out)}
+    files = {"submission": (out, buffer.getvalue())}
     if make_zip:
         zipped = io.BytesIO()
         with zipfile.ZipFile(zipped, "w", compression=zipfile.ZIP_DEFLATED) as archive:
             archive.writestr("prediction.csv", buffer.getvalue())  # the name Codabench expects, at the top
-        atomic_write_bytes(paths["zip"], zipped.getvalue())
-        written["zip"] = str(paths["zip"])
-    sidecar = {
-        **written, "rows": frame.height, "column": column, "run_dir": str(run.run_dir),
+        files["zip"] = (paths["zip"], zipped.getvalue())
+    # The sidecar records each file's sha256: it is how a later run knows a file at these paths is qin's
+    # (a user's own ID,Task2 file looks the same). It is written first, naming the digests of the files
+    # it is about to replace too, so a crash between the writes never makes qin's own file look foreign.
+    sidecar: dict[str, Any] = {
+        **{name: str(path) for name, (path, _) in files.items()}, "rows": frame.height, "column": column,
+        "run_dir": str(run.run_dir),
         "checkpoint_epoch": run.checkpoint.get("epoch"), "valid_auc": run.checkpoint.get("valid_auc"),
         "valid_logloss": run.checkpoint.get("valid_logloss"), "feature_dir": str(run.features.dir),
         "config": run.config.to_dict(), "trained_at_commit": run.checkpoint.get("git_commit"),
         "git_commit": git_commit(),
+        "sha256": {name: hashlib.sha256(data).hexdigest() for name, (_, data) in files.items()},
+        "replaces_sha256": {name: _sha256_or_none(path) for name, (path, _) in files.items()},
     }
+    atomic_write_text(paths["sidecar"], json.dumps(sidecar, indent=2, default=str))
+    for path, data in files.values():
+        atomic_write_bytes(path, data)
+    sidecar["replaces_sha256"] = {name: None for name in files}
     atomic_write_text(paths["sidecar"], json.dumps(sidecar, indent=2, default=str))
     return sidecar
 
@@ -289,7 +322,7 @@ def evaluate_run(run: LoadedRun, truth_dir: Path | None = None, split: str = "va
     if p_true is not None:
         result["oracle_auc"] = auc(labels, p_true)
         if split == "valid":
-            _check_truth_matches(Path(truth_dir), result["oracle_auc"], run.features.dir)
+            check_truth_matches(Path(truth_dir), labels, p_true, run.features.dir)
         result["oracle_gauc"] = gauc(labels, p_true, users)
         result["oracle_logloss"] = logloss(labels, p_true)
         result["oracle_ne"] = normalized_entropy(labels, p_true)
@@ -298,21 +331,52 @@ def evaluate_run(run: LoadedRun, truth_dir: Path | None = None, split: str = "va
 
 def _valid_truth(truth_dir: Path, rows: int) -> np.ndarray:
     """p_true of the validation rows, in row order, from valid_truth.parquet."""
-    truth_path = truth_dir / "valid_truth.parquet"
-    if not truth_path.is_file():
-        raise QinError(f"truth file not found: {truth_path}")
-    truth = pl.read_parquet(truth_path).sort("row")
+    truth = read_truth(truth_dir / "valid_truth.parquet", ["row", "p_true"]).sort("row")
     if truth.height != rows:
-        raise QinError(f"{truth_path}: {truth.height} rows, the validation split has {rows}")
+        raise QinError(f"{truth_dir / 'valid_truth.parquet'}: {truth.height} rows, the validation split "
+                       f"has {rows}")
     return truth["p_true"].to_numpy()
+
+
+def read_truth(path: Path, columns: list[str]) -> pl.DataFrame:
+    """Columns of a generator's truth file; a missing, unreadable or incomplete file is a one-line error."""
+    if not path.is_file():
+        raise QinError(f"truth file not found: {path}")
+    try:
+        names = pl.read_parquet_schema(path).keys()
+        missing = [column for column in columns if column not in names]
+        if missing:
+            raise QinError(f"{path}: missing column(s) {', '.join(missing)} (not a qin synth truth file)")
+        return pl.read_parquet(path, columns=columns)
+    except QinError:
+        raise
+    except Exception as error:  # polars raises several types for a corrupt file
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise QinError(f"{path}: cannot read as parquet ({first_line})") from error
+
+
+def check_truth_matches(truth_dir: Path, labels: np.ndarray, p_true: np.ndarray, feature_dir: Path) -> None:
+    """Refuse truth that belongs to another data set: the generator's meta.json records the oracle AUC of
+    its validation rows, and truth of another data set (same row count) gives another AUC on these labels.
+    A truth folder without that record cannot be checked, so it is refused too."""
+    meta_path = truth_dir / "meta.json"
+    try:
+        recorded = float(json.loads(meta_path.read_text())["auc"]["oracle_valid"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise QinError(f"{meta_path}: missing or unreadable ({type(error).__name__}), so this truth cannot "
+                       f"be checked against the validation split of {feature_dir}; pass the hidden/ folder "
+                       "`qin synth` wrote with this data set") from error
+    oracle_auc = auc(labels, p_true)
+    if abs(recorded - oracle_auc) > 1e-6:
+        raise QinError(f"{truth_dir}: this truth does not belong to the validation split of {feature_dir} "
+                       f"(its meta.json records oracle AUC {recorded:.6f}, these labels give "
+                       f"{oracle_auc:.6f}); pass the hidden/ folder written with this data set")
 
 
 def _test_truth(truth_dir: Path, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(labels, p_true) of the test rows, in row order, from test_truth.parquet (joined on ID)."""
     truth_path = truth_dir / "test_truth.parquet"
-    if not truth_path.is_file():
-        raise QinError(f"truth file not found: {truth_path}")
-    truth = pl.read_parquet(truth_path, columns=["ID", "label", "p_true"])
+    truth = read_truth(truth_path, ["ID", "label", "p_true"])
     if truth.height != len(ids):
         raise QinError(f"{truth_path}: {truth.height} rows, the test split has {len(ids)}")
     rows = pl.DataFrame({"ID": ids.astype(np.int64)})
@@ -320,20 +384,6 @@ def _test_truth(truth_dir: Path, ids: np.ndarray) -> tuple[np.ndarray, np.ndarra
     if joined["label"].null_count():
         raise QinError(f"{truth_path}: holds no truth for some test IDs; is it this data set's hidden/?")
     return joined["label"].to_numpy().astype(np.float64), joined["p_true"].to_numpy()
-
-
-def _check_truth_matches(truth_dir: Path, oracle_auc: float, feature_dir: Path) -> None:
-    """The generator's meta.json records its oracle AUC on valid: truth of another data set with the
-    same row count gives another AUC on these labels, so a mismatch means the wrong truth folder."""
-    meta_path = truth_dir / "meta.json"
-    try:
-        recorded = json.loads(meta_path.read_text())["auc"]["oracle_valid"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return  # no record to compare with (a hand-made truth folder)
-    if abs(float(recorded) - oracle_auc) > 1e-6:
-        raise QinError(f"{truth_dir}: this truth does not belong to the validation split of {feature_dir} "
-                       f"(its meta.json records oracle AUC {float(recorded):.6f}, these labels give "
-                       f"{oracle_auc:.6f}); pass the hidden/ folder written with this data set")
 
 
 def one_request(run: LoadedRun, history: np.ndarray, candidates: np.ndarray, likes: np.ndarray,

@@ -81,7 +81,18 @@ def is_run_dir(folder: Path) -> bool:
     """Whether `folder` looks like one `qin train` wrote: config.yaml plus a checkpoint or metrics."""
     folder = Path(folder)
     return (folder / "config.yaml").is_file() and any(
-        (folder / name).exists() for name in ("last.pt", "best.pt", "metrics.jsonl"))
+        (folder / name).exists() for name in ("last.pt", "best.pt", "metrics.jsonl", DIGESTS, LOCK))
+
+
+def remove_run_temp_files(run_dir: Path) -> None:
+    """Temporary files of the run's own writes (`.best.pt.*.tmp`, ...) left by a killed run.
+
+    Called with the run folder locked, so no other `qin train` is writing there: every such file is stale.
+    """
+    for name in RUN_FILES:
+        for leftover in Path(run_dir).glob(f".{glob_escape(name)}.*.tmp"):
+            if leftover.is_file():
+                leftover.unlink(missing_ok=True)
 
 
 class RunLock:
@@ -157,6 +168,7 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> bool:
                        "replace it with --overwrite, or choose another --run-dir")
     for name in RUN_FILES:
         (run_dir / name).unlink(missing_ok=True)
+    remove_run_temp_files(run_dir)
     return False
 
 
@@ -219,8 +231,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """
     path = Path(path)
     make_parent_folders(path)
+    remove_stale_temp_files(path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     except OSError as error:
         raise OSError(error.errno, error.strerror, str(path)) from error  # name the target, not a temp name
     try:
@@ -236,6 +249,40 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temp_files(path: Path) -> None:
+    """Remove `.<name>.<pid>.<random>.tmp` files beside `path` left by writers that were killed.
+
+    Only names of exactly that shape are touched, and only when their pid is no longer running: a
+    live writer's file, or anything a user named otherwise, is left alone.
+    """
+    path = Path(path)
+    prefix = f".{path.name}."
+    try:
+        candidates = list(path.parent.glob(f"{glob_escape(prefix)}*.tmp"))
+    except OSError:
+        return
+    for candidate in candidates:
+        pid, _, rest = candidate.name[len(prefix):].partition(".")
+        if pid.isdigit() and rest and not process_alive(int(pid)) and candidate.is_file():
+            candidate.unlink(missing_ok=True)
+
+
+def glob_escape(text: str) -> str:
+    """`text` with glob's special characters taken literally."""
+    return "".join(f"[{char}]" if char in "*?[" else char for char in text)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (signal 0 sends nothing)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
 
 
 def make_parent_folders(path: Path) -> None:
@@ -259,7 +306,9 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """
     path = Path(path)
     buffer = io.BytesIO()
-    torch.save({"format": CHECKPOINT_FORMAT, **state}, buffer)
+    # "digests" tells a reader that this file's sha256 is recorded beside it: without that record (a
+    # deleted or emptied checkpoints.json) the file cannot be verified and is refused.
+    torch.save({"format": CHECKPOINT_FORMAT, "digests": DIGESTS, **state}, buffer)
     data = buffer.getvalue()
     digest = hashlib.sha256(data).hexdigest()
     recorded = _read_digests(path.parent)
@@ -277,8 +326,12 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     change every prediction.
     """
     path = Path(path)
+    if path.is_dir() and path.suffix == ".pt":
+        raise QinError(f"{path}: is a folder, not a checkpoint file")
     if path.is_dir():
         path = path / "best.pt"
+    if path.exists() and not path.is_file():
+        raise QinError(f"{path}: is a folder or a device, not a checkpoint file")
     if not path.is_file():
         raise QinError(f"checkpoint not found: {path}")
     recorded = _read_digests(path.parent)
@@ -295,6 +348,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise QinError(f"{path}: not a readable checkpoint ({_load_failure(error)})") from error
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise QinError(f"{path}: not a qin checkpoint (expected format {CHECKPOINT_FORMAT})")
+    if state.get("digests") == DIGESTS and path.name not in recorded:
+        raise QinError(f"{path}: its sha256 should be recorded in {path.parent / DIGESTS}, which is missing "
+                       "or has no entry for it, so the file cannot be verified; refusing to load it")
     return state
 
 
@@ -310,6 +366,8 @@ def _load_failure(error: Exception) -> str:
 def _read_digests(folder: Path) -> dict[str, list[str]]:
     """checkpoints.json's {file name: accepted sha256 list}; empty when the folder has none."""
     path = folder / DIGESTS
+    if path.exists() and not path.is_file():
+        raise QinError(f"{path}: is not a regular file (it should hold the checkpoint digests)")
     if not path.is_file():
         return {}
     try:
@@ -349,9 +407,13 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     records = []
     for number, line in enumerate(lines, start=1):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError as error:
             if number == len(lines):
                 break
             raise QinError(f"{path}: line {number} is not valid JSON ({error})") from error
+        if not isinstance(record, dict):
+            raise QinError(f"{path}: line {number} is {type(record).__name__} {line.strip()[:40]!r}, "
+                           "not a JSON object")
+        records.append(record)
     return records

@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -139,7 +140,8 @@ def test_predict_replaces_only_its_own_earlier_outputs(run, tmp_path):
 
     mine = tmp_path / "mine.csv"
     mine.write_text("user,score\n1,2\n")
-    assert "not a submission CSV" in one_error_line(invoke("predict", "--run", str(done), "--out", str(mine)))
+    message = one_error_line(invoke("predict", "--run", str(done), "--out", str(mine)))
+    assert "not a submission qin wrote" in message
     assert mine.read_text() == "user,score\n1,2\n"
     other = tmp_path / "other.csv"
     other.with_suffix(".json").write_text('{"my": "notes"}')
@@ -516,7 +518,8 @@ def test_a_csv_that_merely_starts_with_id_is_not_a_submission(run, tmp_path):
     _, _, done = run
     mine = tmp_path / "labels.csv"
     mine.write_text("ID,label,comment\n0,1,keep me\n")
-    assert "not a submission CSV" in one_error_line(invoke("predict", "--run", str(done), "--out", str(mine)))
+    message = one_error_line(invoke("predict", "--run", str(done), "--out", str(mine)))
+    assert "not a submission qin wrote" in message
     assert mine.read_text() == "ID,label,comment\n0,1,keep me\n"
 
 
@@ -594,3 +597,105 @@ def test_resume_after_the_raw_data_changed_is_refused_before_any_rebuild(tmp_pat
     message = one_error_line(invoke("train", "--resume", str(run_dir), "--no-progress"))
     assert "raw data changed since the run started (valid.parquet differs" in message
     assert (feature_dir / "manifest.json").read_bytes() == manifest
+
+
+def test_a_users_own_submission_is_never_replaced(run, tmp_path):
+    """The header cannot tell a user's ID,Task2 file from qin's; the sidecar's sha256 can."""
+    _, _, done = run
+    mine = tmp_path / "other_model.csv"
+    mine.write_text("ID,Task2\n0,0.5\n1,0.25\n")
+    assert "not a submission qin wrote" in one_error_line(invoke("predict", "--run", str(done), "--out",
+                                                                 str(mine)))
+    assert mine.read_text() == "ID,Task2\n0,0.5\n1,0.25\n"
+    ours = tmp_path / "ours.csv"
+    assert invoke("predict", "--run", str(done), "--out", str(ours), "--zip").exit_code == 0
+    recorded = json.loads(ours.with_suffix(".json").read_text())["sha256"]
+    assert recorded == {"submission": sha256(ours), "zip": sha256(ours.with_suffix(".zip"))}
+    ours.write_text("ID,Task2\n0,0.9\n")  # the user edited qin's file by hand: now it is theirs
+    assert "not a submission qin wrote" in one_error_line(invoke("predict", "--run", str(done), "--out",
+                                                                 str(ours)))
+    assert ours.read_text() == "ID,Task2\n0,0.9\n"
+
+
+@pytest.mark.parametrize("content, said", [
+    ("train: 5\n", "section 'train' must be a mapping of keys, got 5"),
+    ("base: [a.yaml]\n", "base: must name one YAML file"),
+])
+def test_config_file_problems_are_blamed_on_the_file(tmp_path, content, said):
+    path = tmp_path / "c.yaml"
+    path.write_text(content)
+    with pytest.raises(QinError, match=re.escape(said)) as caught:
+        Config.from_yaml(path, ["train.epochs=2"])
+    assert str(caught.value).startswith(str(path))
+    with pytest.raises(QinError, match="is a folder or a device, not a YAML config file"):
+        Config.from_yaml(tmp_path)
+    with pytest.raises(QinError, match="^--set: unknown config key"):
+        Config.from_yaml(ROOT / "qin.yaml", ["train.foo=1"])
+
+
+def test_checkpoint_digests_cannot_be_bypassed(run, tmp_path):
+    _, _, done = run
+    for damage in ("delete", "empty", "folder"):
+        copy = tmp_path / damage
+        shutil.copytree(done, copy)
+        digests = copy / DIGESTS
+        digests.unlink()
+        if damage == "empty":
+            digests.write_text(json.dumps({"format": "qin-checkpoint-digests-v1", "sha256": {}}))
+        elif damage == "folder":
+            digests.mkdir()
+        message = one_error_line(invoke("predict", "--run", str(copy), "--out", str(tmp_path / "s.csv")))
+        assert "cannot be verified" in message or "not a regular file" in message, damage
+    assert not (tmp_path / "s.csv").exists()
+
+
+def test_a_run_killed_during_its_first_checkpoint_can_be_overwritten(run, tmp_path):
+    _, config, done = run
+    stuck = tmp_path / "stuck"
+    stuck.mkdir()
+    shutil.copy(done / "config.yaml", stuck / "config.yaml")
+    shutil.copy(done / DIGESTS, stuck / DIGESTS)
+    (stuck / ".best.pt.99999999.abcd.tmp").write_bytes(b"half a checkpoint")
+    assert "--overwrite" in one_error_line(invoke("train", "--resume", str(stuck)))
+    result = invoke("train", "-c", str(config), "--set", "train.epochs=1", "--run-dir", str(stuck),
+                    "--overwrite", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert not list(stuck.glob(".*.tmp"))
+
+
+def test_resume_names_what_is_wrong_with_the_folder(tmp_path):
+    assert "no such run folder" in one_error_line(invoke("train", "--resume", str(tmp_path / "nope")))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    assert "not a qin run folder" in one_error_line(invoke("train", "--resume", str(tmp_path / "mine")))
+
+
+def test_truth_without_its_meta_is_refused(run, tmp_path):
+    root, _, done = run
+    truth = tmp_path / "hidden"
+    shutil.copytree(root / "data" / "hidden", truth)
+    (truth / "meta.json").unlink()
+    message = one_error_line(invoke("evaluate", "--run", str(done), "--truth", str(truth)))
+    assert "cannot be checked" in message
+    (truth / "valid_truth.parquet").write_bytes(b"garbage")
+    assert "valid_truth.parquet" in one_error_line(invoke("evaluate", "--run", str(done), "--truth",
+                                                          str(truth)))
+
+
+def test_altered_labels_are_refused_before_training(tiny_data, tiny_features, tmp_path):
+    copy = tmp_path / "features"
+    shutil.copytree(tiny_features, copy)
+    labels = np.load(copy / "train" / "label.npy")
+    labels[3] = 7.0
+    np.save(copy / "train" / "label.npy", labels)
+    with pytest.raises(QinError, match="row 3 holds label 7.0"):
+        fit(tiny_config(tiny_data, tmp_path), load_features(copy), tmp_path / "run", progress=False)
+
+
+def test_a_metrics_line_that_is_not_an_object_is_named(tmp_path):
+    from qin.runs import read_jsonl
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n42\n{"step": 2}\n')
+    with pytest.raises(QinError, match="line 2 is int '42', not a JSON object"):
+        read_jsonl(path)

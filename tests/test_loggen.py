@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from qin.cli import app
 from qin.errors import QinError
 from qin.features.pipeline import build_features
+from qin.layout import TEMP_MARKER
 from qin.loggen import DEFAULT_LOG_PARAMS, LOG_SIZES, LogSize, generate_logs, log_params_with
 from qin.synth import SynthSize, expected_auc, synthesize
 
@@ -224,10 +225,31 @@ def test_stale_temp_folders_are_removed_live_ones_kept(tmp_path: Path) -> None:
     dead_pid = 2**22 + 12345  # above Linux's largest pid_max: never a live process
     stale = tmp_path / f".data.tmp-{dead_pid}-k1ll3d_9"
     running = tmp_path / f".data.tmp-{os.getppid()}-l1v3_123"
-    for folder in (stale, running):
+    look_alike = tmp_path / f".data.tmp-{dead_pid}-n0_marker"  # a user's folder: no proof qin made it
+    for folder in (stale, running, look_alike):
         (folder / "hidden").mkdir(parents=True)
+    for folder in (stale, running):
+        (folder / TEMP_MARKER).write_text(folder.name.split("-")[1])  # as make_temp_dir writes it
+    (look_alike / "notes.txt").write_text("mine")
     generate_logs(tmp_path / "data", LogSize.tiny)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([running.name, "data"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([running.name, look_alike.name, "data"])
+    assert (look_alike / "notes.txt").read_text() == "mine"
+
+
+def test_a_quoted_tilde_means_the_home_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    generate_logs(Path("~/x"), LogSize.tiny)
+    assert (home / "x" / "MicroLens_1M_x1" / "item_info.parquet").is_file()
+    result = CliRunner().invoke(app, ["synth", "--process", "logs", "--size", "tiny", "--seed", "1",
+                                      "--out", "~/x"])
+    assert result.exit_code == 0, result.output
+    assert _meta(home / "x")["seed"] == 1
+    assert sorted(p.name for p in home.iterdir()) == ["x"], "no temp folder left"
+    assert list(cwd.iterdir()) == [], "nothing named ~ in the current folder"
 
 
 def test_os_errors_are_one_line_errors_and_leave_no_temp_folder(tmp_path: Path,

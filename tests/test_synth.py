@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from qin.cli import app
 from qin.errors import QinError
-from qin.layout import process_alive
+from qin.layout import TEMP_MARKER, process_alive
 from qin.synth import (
     DEFAULT_PARAMS,
     SIZES,
@@ -460,8 +460,44 @@ def test_stale_temp_folders_of_killed_runs_are_removed(tmp_path: Path) -> None:
     other = tmp_path / f".other.tmp-{dead_pid}-abc123_x"  # another output's: not ours to judge here
     for folder in (stale, running, other):
         (folder / "MicroLens_1M_x1").mkdir(parents=True)
+        (folder / TEMP_MARKER).write_text(folder.name.split("-")[1])  # as make_temp_dir writes it
     synthesize(tmp_path / "data", SynthSize.tiny, images=False, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([running.name, other.name, "data"])
+
+
+def test_a_look_alike_folder_without_the_marker_is_never_deleted(tmp_path: Path) -> None:
+    """A user's `.real.tmp-99996-abc` (dead pid, no make_temp_dir marker) survives; a real stale one goes."""
+    dead_pid = 2**22 + 12345  # above Linux's largest pid_max: never a live process
+    look_alike = tmp_path / f".real.tmp-{dead_pid}-abc"
+    (look_alike / "sub").mkdir(parents=True)
+    (look_alike / "sub" / "thesis.txt").write_text("mine")
+    wrong_pid = tmp_path / f".real.tmp-{dead_pid}-def"  # a marker naming another pid proves nothing
+    wrong_pid.mkdir()
+    (wrong_pid / TEMP_MARKER).write_text("1")
+    stale = tmp_path / f".real.tmp-{dead_pid}-k1ll3d"
+    (stale / "hidden").mkdir(parents=True)
+    (stale / TEMP_MARKER).write_text(f"{dead_pid}\n")
+    synthesize(tmp_path / "real", SynthSize.tiny, images=False, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([look_alike.name, wrong_pid.name, "real"])
+    assert (look_alike / "sub" / "thesis.txt").read_text() == "mine"
+    assert (wrong_pid / TEMP_MARKER).read_text() == "1"
+
+
+def test_a_quoted_tilde_means_the_home_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--out '~/x'`: pyarrow expanded ~ and Python did not: a failed write and a stray ./~ folder."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    res = synthesize(Path("~/x"), SynthSize.tiny, images=False, progress=False)
+    assert res.data_dir == home / "x" and (home / "x" / "MicroLens_1M_x1" / "item_info.parquet").is_file()
+    result = CliRunner().invoke(app, ["synth", "--size", "tiny", "--no-images", "--seed", "1",
+                                      "--out", "~/x"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((home / "x" / "hidden" / "meta.json").read_text())["seed"] == 1
+    assert sorted(p.name for p in home.iterdir()) == ["x"], "no temp folder left"
+    assert list(cwd.iterdir()) == [], "nothing named ~ in the current folder"
 
 
 def test_a_killed_run_leaves_a_temp_folder_the_next_run_removes(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 import polars as pl
 
 from qin.errors import QinError
-from qin.predict import LoadedRun, load_run, validation_predictions
+from qin.predict import LoadedRun, check_truth_matches, load_run, read_truth, validation_predictions
 
 DEFAULT_COLD_MAX = 5  # an item seen as a target at most this often in train counts as cold
 
@@ -69,6 +69,8 @@ def load_analysis(run_dir: Path | str, truth_dir: Path | str | None = None, raw_
     frame = frame.with_columns(cold=pl.col("train_count") <= cold_max, repeat=pl.Series(repeat))
     if truth_dir is not None:
         frame = frame.with_columns(p_true=_truth(Path(truth_dir), frame.height))
+        check_truth_matches(Path(truth_dir), frame["label"].to_numpy(), frame["p_true"].to_numpy(),
+                            run.features.dir)
     return AnalysisData(run, frame, items, raw, Path(item_feature) if item_feature else None,
                         Path(truth_dir) if truth_dir else None, cold_max)
 
@@ -102,9 +104,7 @@ def _item_facts(run: LoadedRun, item_feature: Path | None) -> pl.DataFrame:
 
 def _truth(truth_dir: Path, rows: int) -> pl.Series:
     path = truth_dir / "valid_truth.parquet"
-    if not path.is_file():
-        raise QinError(f"truth file not found: {path}")
-    truth = pl.read_parquet(path).sort("row")
+    truth = read_truth(path, ["row", "p_true"]).sort("row")
     if truth.height != rows:
         raise QinError(f"{path}: {truth.height} rows, the validation split has {rows}")
     return truth["p_true"].cast(pl.Float64)

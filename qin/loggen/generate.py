@@ -40,6 +40,7 @@ def generate_logs(out_dir: Path, size: LogSize, seed: int = 0, params: LogParams
         out_dir: receives MicroLens_1M_x1/ and hidden/; must be new, empty, or written by an earlier
             `qin synth` (either generator; hidden/meta.json proves it, hidden/files.txt lists every file
             under its outputs), whose outputs are then replaced; other entries of the folder are left alone.
+            A leading ~ is the home folder.
         size: tiny / small / bench (see LOG_SIZES).
         seed: any int ≥ 0; the same (seed, size, params) gives the same parquet content.
         params: generator knobs (see `log_params_with`).
@@ -57,7 +58,7 @@ def generate_logs(out_dir: Path, size: LogSize, seed: int = 0, params: LogParams
                        f"{', '.join(s.value for s in LogSize)}") from None
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
         raise QinError(f"loggen: seed must be an integer ≥ 0, got {seed!r}")
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).expanduser()  # "~/x" quoted: pyarrow would expand it, Python would not
     tmp: Path | None = None
     try:
         check_out_dir(out_dir)

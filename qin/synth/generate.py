@@ -135,7 +135,7 @@ def synthesize(out_dir: Path, size: SynthSize, seed: int = 0, test_label: bool =
         out_dir: folder that receives MicroLens_1M_x1/, item_*.parquet, item_images/ and hidden/. It must be
             new, empty, or written by an earlier `qin synth` (either generator; hidden/meta.json proves it,
             and hidden/files.txt lists every file under its entries): then that run's entries are replaced
-            as a whole; other entries of the folder are left alone.
+            as a whole; other entries of the folder are left alone. A leading ~ is the home folder.
         size: tiny / small / bench / full (see SIZES).
         seed: any int ≥ 0; the same (seed, size) gives the same parquet content.
         test_label: also write a constant 0.0 `label` column into test.parquet.
@@ -151,7 +151,8 @@ def synthesize(out_dir: Path, size: SynthSize, seed: int = 0, test_label: bool =
             earlier `qin synth` did not write (real data); seed < 0; or the system failed to write (a full
             disk, a read-only folder).
     """
-    return _synthesize(Path(out_dir), _checked_size(size), seed, test_label, images, progress, params)
+    out_dir = Path(out_dir).expanduser()  # "~/x" quoted: pyarrow would expand it, Python would not
+    return _synthesize(out_dir, _checked_size(size), seed, test_label, images, progress, params)
 
 
 def _synthesize(out_dir: Path, size: SynthSize, seed: int, test_label: bool, images: bool, progress: bool,

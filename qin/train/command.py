@@ -17,7 +17,15 @@ from qin.errors import QinError
 from qin.features.io import load_features
 from qin.features.pipeline import build_features_for, feature_dir_of
 from qin.packaged import config_path
-from qin.runs import RunLock, load_checkpoint, new_run_dir, prepare_run_dir, remove_unstarted_run
+from qin.runs import (
+    RunLock,
+    is_run_dir,
+    load_checkpoint,
+    new_run_dir,
+    prepare_run_dir,
+    remove_run_temp_files,
+    remove_unstarted_run,
+)
 from qin.runtime import resolve_device
 from qin.train.loop import fit
 from qin.train.state import FitResult
@@ -32,6 +40,11 @@ def train_command(config: list[Path] | None, overrides: list[str], run_dir: Path
         raise QinError("--resume continues the run in its own folder; drop --run-dir / --overwrite")
     if resume is not None and resume.is_file():
         raise QinError(f"--resume takes the run folder, not a file: use --resume {resume.parent}")
+    if resume is not None and not resume.is_dir():
+        raise QinError(f"{resume}: no such run folder (--resume continues a run `qin train` started there)")
+    if resume is not None and not is_run_dir(resume):
+        raise QinError(f"{resume}: not a qin run folder (no config.yaml with checkpoints or metrics); "
+                       "nothing to resume")
     dist = distributed.context()
     # Without -c a resumed run's own config.yaml is the config (no qin.yaml needed in the current folder).
     source = config or [resume / "config.yaml" if resume is not None else DEFAULT_CONFIG]
@@ -47,6 +60,8 @@ def train_command(config: list[Path] | None, overrides: list[str], run_dir: Path
     if dist.is_main:
         created = lock.acquire() or created
     try:
+        if dist.is_main:
+            remove_run_temp_files(run_dir)  # left by a killed run; the lock says none is writing now
         if resume is None and dist.is_main:
             created = prepare_run_dir(run_dir, overwrite) or created
         result = _features_then_fit(cfg, run_dir, resume is not None, progress, dist, console)

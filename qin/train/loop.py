@@ -82,6 +82,9 @@ def fit(cfg: Config, features: FeatureSet, run_dir: Path, resume: bool = False, 
     if resume:
         state = restore(training.run_dir / "last.pt", training.model, training.optimizer, cfg, features)
         if training.dist.is_main:
+            if state.global_step and not training.metrics_path.is_file():
+                training.console.log(f"[yellow]warning:[/yellow] {training.metrics_path} is missing: the "
+                                     f"evaluations before step {state.global_step} are not in the history")
             trim_metrics(training.metrics_path, state.global_step)
             if state.finished:
                 training.console.log(f"{run_dir} had already finished; its best.pt is scored again, "

@@ -98,6 +98,11 @@ def check_two_classes(features: FeatureSet, name: str, split: SplitTensors) -> N
     labels = split.label
     if labels is None or labels.numel() == 0:
         return
+    not_binary = torch.nonzero((labels != 0) & (labels != 1))
+    if not_binary.numel():
+        row = int(not_binary[0, 0])
+        raise QinError(f"{features.dir / name / 'label.npy'}: row {row} holds label {float(labels[row])}, "
+                       "not 0 or 1; the feature folder was altered: rebuild it with `qin preprocess --force`")
     positives = int(labels.sum().item())
     if positives in (0, labels.numel()):
         only = "1 (positive)" if positives else "0 (negative)"
@@ -114,6 +119,9 @@ def check_loss(loss_value: float, state: LoopState, train_cfg: TrainConfig) -> N
     evaluation before it, and `--resume` after lowering the learning rate starts from there.
     """
     step = state.global_step + 1  # this step's 1-based number, as metrics.jsonl counts
+    if loss_value < 0:  # BCE and the L2 terms are never negative: labels outside 0/1 reached the loss
+        raise QinError(f"the training loss is negative ({loss_value:.4g}) at step {step}: the labels are not "
+                       "0/1; rebuild the features with `qin preprocess --force`")
     if math.isfinite(loss_value) and (train_cfg.max_loss is None or loss_value <= train_cfg.max_loss):
         return
     what = (f"became {loss_value}" if not math.isfinite(loss_value)
