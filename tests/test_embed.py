@@ -149,10 +149,11 @@ def test_pca_recovers_planted_spectrum_and_matches_svd():
     np.testing.assert_allclose(result.vectors, reference * sign, atol=2e-3 * np.abs(reference).max())
 
 
-def test_pca_with_fewer_items_than_components_pads_exact_zeros():
-    # 6 centred points span 5 directions: components 6..8 carry no variance and are zero columns
+def test_pca_with_as_many_components_as_items_pads_one_exact_zero_column():
+    # 6 centred points span 5 directions: component 6 carries no variance and is a zero column
     x = np.random.default_rng(1).standard_normal((6, 20))
-    result = pca_reduce(x, 8)
+    result = pca_reduce(x, 6)
+    assert result.vectors.shape == (6, 6)
     assert not result.vectors[:, 5:].any() and not result.explained_variance_ratio[5:].any()
     assert result.total_explained == pytest.approx(1.0, abs=1e-6)
     centred = x - x.mean(0)
@@ -165,6 +166,11 @@ def test_pca_rejects_bad_inputs():
     x = np.random.default_rng(0).standard_normal((10, 4))
     with pytest.raises(QinError, match="dim"):
         pca_reduce(x, 5)
+    # more components than items: refused (not padded), naming both bounds
+    with pytest.raises(QinError, match=r"dim <= 6\b.*items \(6\).*input width \(20\)"):
+        pca_reduce(np.random.default_rng(1).standard_normal((6, 20)), 8)
+    with pytest.raises(QinError, match="dim"):
+        pca_reduce(x, 0)
     with pytest.raises(QinError, match="2-D"):
         pca_reduce(x[0], 2)
     if embed.faiss_gpus() == 0:
@@ -178,7 +184,7 @@ def test_pca_rejects_bad_inputs():
 
 def test_precomputed_table_schema_and_row_alignment(tmp_path):
     feature, info, tags = _write_items(tmp_path / "a", 40, shuffle=True)
-    result = embed_from_precomputed(feature, info, tmp_path / "out.parquet")
+    result = embed_from_precomputed(feature, info, tmp_path / "out.parquet", dim=32)  # at most N = 40
     assert result.items == 40 and result.out == tmp_path / "out.parquet"
     assert 0 < result.explained_variance <= 1
     schema = pq.read_schema(result.out)
@@ -190,11 +196,11 @@ def test_precomputed_table_schema_and_row_alignment(tmp_path):
     assert table["item_id"].to_list() == list(range(41))
     assert np.array(table["item_tags"].to_list()).tolist() == tags.tolist()  # kept from item_info
     emb = _emb(result.out)
-    assert emb.shape == (41, 128) and not emb[0].any() and np.abs(emb[1:]).sum(axis=1).min() > 0
+    assert emb.shape == (41, 32) and not emb[0].any() and np.abs(emb[1:]).sum(axis=1).min() > 0
 
     # the same items written in id order give the same rows: row i is item i whatever the file order
     feature_sorted, info_sorted, _ = _write_items(tmp_path / "b", 40, shuffle=False)
-    again = embed_from_precomputed(feature_sorted, info_sorted, tmp_path / "sorted.parquet")
+    again = embed_from_precomputed(feature_sorted, info_sorted, tmp_path / "sorted.parquet", dim=32)
     np.testing.assert_allclose(_emb(again.out), emb, atol=1e-4)
     assert not list(tmp_path.glob(".*.tmp"))  # atomic write leaves no temp file behind
 
@@ -302,9 +308,9 @@ def test_missing_model_folder_is_a_clear_error(tmp_path):
 
 def test_dim_wider_than_the_fused_vectors_is_an_error(tiny_models, tmp_path):
     bert, _ = tiny_models
-    feature, info, _ = _write_items(tmp_path, 8)
-    with pytest.raises(QinError, match="fused width 32"):
-        embed_from_content(feature, info, None, tmp_path / "o.parquet", text_model=bert, dim=128,
+    feature, info, _ = _write_items(tmp_path, 40)
+    with pytest.raises(QinError, match=r"dim <= 32\b.*items \(40\).*fused width \(32\)"):
+        embed_from_content(feature, info, None, tmp_path / "o.parquet", text_model=bert, dim=33,
                            cache_dir=tmp_path / "cache", progress=False)
 
 
@@ -367,3 +373,152 @@ def test_neighbors_excludes_the_item_and_padding(tmp_path):
     assert all(0 not in tags for tags in everything["tags"].to_list())  # padding zeros dropped
     with pytest.raises(QinError, match="not in 1..20"):
         neighbors(tmp_path / "t.pq", None, 0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Output, temporaries and cache safety
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def _spy_encoders(monkeypatch) -> dict[str, int]:
+    calls = {"text": 0, "image": 0}
+    encode_texts, encode_images = embed.encode_texts, embed.encode_images
+
+    def spy_texts(*args, **kwargs):
+        calls["text"] += 1
+        return encode_texts(*args, **kwargs)
+
+    def spy_images(*args, **kwargs):
+        calls["image"] += 1
+        return encode_images(*args, **kwargs)
+
+    monkeypatch.setattr(recipes, "encode_texts", spy_texts)
+    monkeypatch.setattr(recipes, "encode_images", spy_images)
+    return calls
+
+
+def test_a_killed_writers_temporaries_are_removed_on_the_next_write(tmp_path):
+    import os
+
+    from qin.embed.atomic import atomic_write
+    from qin.embed.cache import _save_atomic
+
+    feature, info, _ = _write_items(tmp_path / "d", 10)
+    dead = _dead_pid()
+    stale = tmp_path / f".e.parquet.{dead}.k2_x9abc.tmp"  # left by a killed `qin embed`
+    keep = [tmp_path / f".e.parquet.{os.getpid()}.abcdefgh.tmp",  # a live writer's (ours)
+            tmp_path / ".e.parquet.abcdefgh.tmp",  # no pid: not this pattern
+            tmp_path / f".e.parquet.{dead}.abcdefgh.tmp.keep",  # not a full match
+            tmp_path / f".other.parquet.{dead}.abcdefgh.tmp",  # another output's
+            tmp_path / f"e.parquet.{dead}.abcdefgh.tmp"]
+    for path in [stale, *keep]:
+        path.write_bytes(b"x")
+    embed_from_precomputed(feature, info, tmp_path / "e.parquet", dim=4)
+    assert not stale.exists() and all(path.exists() for path in keep)
+    assert sorted(p.name for p in tmp_path.glob(".e.parquet.*")) == sorted(p.name for p in keep[:3])
+
+    with atomic_write(tmp_path / "f.bin") as tmp:  # the temporary names the writing process
+        assert tmp.name.startswith(f".f.bin.{os.getpid()}.") and tmp.name.endswith(".tmp")
+        tmp.write_bytes(b"data")
+    assert (tmp_path / "f.bin").read_bytes() == b"data"
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    stale_cache = [cache / f".text-x.npy.{dead}.abcdefgh.tmp",
+                   cache / f".text-x.npy.sha256.{dead}.a1b2c3d4.tmp"]
+    for path in stale_cache:
+        path.write_bytes(b"x")
+    _save_atomic(cache / "text-x.npy", np.ones((3, 2), dtype=np.float32))
+    assert sorted(p.name for p in cache.iterdir()) == ["text-x.npy", "text-x.npy.sha256"]
+
+
+def test_altered_or_unrecorded_cache_entries_are_discarded(tiny_models, tmp_path, monkeypatch, capsys):
+    bert, _ = tiny_models
+    feature, info, _ = _write_items(tmp_path, 12)
+    calls = _spy_encoders(monkeypatch)
+    common = {"text_model": bert, "dim": 4, "cache_dir": tmp_path / "cache", "progress": False}
+    first = embed_from_content(feature, info, None, tmp_path / "a.parquet", **common)
+    [entry] = (tmp_path / "cache").glob("*.npy")
+    assert (tmp_path / "cache" / f"{entry.name}.sha256").is_file()
+    vectors = np.load(entry)
+    capsys.readouterr()
+
+    np.save(entry, np.zeros_like(vectors))  # right shape, wrong bytes: must not be used
+    again = embed_from_content(feature, info, None, tmp_path / "b.parquet", **common)
+    assert calls["text"] == 2
+    np.testing.assert_array_equal(_emb(again.out), _emb(first.out))
+    note = capsys.readouterr().err
+    assert "discarded cache entry" in note and entry.name in note and "sha256" in note
+    np.testing.assert_array_equal(np.load(entry), vectors)  # rewritten with the real vectors
+
+    (tmp_path / "cache" / f"{entry.name}.sha256").unlink()  # no record: not trusted either
+    embed_from_content(feature, info, None, tmp_path / "c.parquet", **common)
+    assert calls["text"] == 3 and "no sha256 record" in capsys.readouterr().err
+
+    embed_from_content(feature, info, None, tmp_path / "d.parquet", **common)  # intact: used, no note
+    assert calls["text"] == 3 and "discarded" not in capsys.readouterr().err
+
+
+def test_dim_above_the_item_count_is_refused_before_any_work(tiny_models, tmp_path, monkeypatch):
+    bert, _ = tiny_models
+    feature, info, _ = _write_items(tmp_path, 20, txt_dim=8, img_dim=16)
+    with pytest.raises(QinError, match=r"dim <= 20\b.*items \(20\).*fused input width \(24\)"):
+        embed_from_precomputed(feature, info, tmp_path / "o.parquet", dim=21)
+    with pytest.raises(QinError, match=r"dim <= 20\b.*items \(20\).*fused input width \(24\)"):
+        embed_from_precomputed(feature, info, tmp_path / "o.parquet", dim=0)
+    assert embed_from_precomputed(feature, info, tmp_path / "o.parquet", dim=20).items == 20
+    calls = _spy_encoders(monkeypatch)
+    with pytest.raises(QinError, match="there are 20 items"):
+        embed_from_content(feature, info, None, tmp_path / "c.parquet", text_model=bert, dim=21,
+                           cache_dir=tmp_path / "cache", progress=False)
+    assert calls == {"text": 0, "image": 0} and not (tmp_path / "c.parquet").exists()
+
+
+def test_out_must_be_a_parquet_path(tmp_path):
+    feature, info, _ = _write_items(tmp_path, 6)
+    for name in ("x.csv", "x", "x.parquet.tmp"):
+        with pytest.raises(QinError, match=r"ending in \.parquet"):
+            embed_from_precomputed(feature, info, tmp_path / name, dim=4)
+        with pytest.raises(QinError, match=r"ending in \.parquet"):  # before the (missing) model is looked at
+            embed_from_content(feature, info, None, tmp_path / name, text_model=tmp_path / "nope",
+                               progress=False)
+        assert not (tmp_path / name).exists()
+    assert embed_from_precomputed(feature, info, tmp_path / "X.PARQUET", dim=4).items == 6
+
+
+def test_a_file_as_cache_dir_is_refused_before_encoding(tiny_models, tmp_path, monkeypatch):
+    bert, _ = tiny_models
+    feature, info, _ = _write_items(tmp_path, 6)
+    calls = _spy_encoders(monkeypatch)
+    blocker = tmp_path / "cache-file"
+    blocker.write_text("not a folder")
+    for cache_dir in (blocker, blocker / "sub"):
+        with pytest.raises(QinError, match=f"{cache_dir}: cache dir exists and is not a folder"):
+            embed_from_content(feature, info, None, tmp_path / "o.parquet", text_model=bert, dim=4,
+                               cache_dir=cache_dir, progress=False)
+    assert calls == {"text": 0, "image": 0}
+
+
+def test_cli_refuses_a_csv_out_and_a_file_cache_dir(tmp_path):
+    from typer.testing import CliRunner
+
+    from qin.cli import app
+
+    _write_items(tmp_path, 6)
+    (tmp_path / "blocker").write_text("x")
+    runner = CliRunner()
+    for args in (["--out", str(tmp_path / "x.csv")],
+                 ["--from", "content", "--cache-dir", str(tmp_path / "blocker")]):
+        result = runner.invoke(app, ["embed", "--data", str(tmp_path), "--dim", "4", *args])
+        assert result.exit_code == 2, result.output
+        assert "error:" in result.output and "data.item_info" not in result.output
+    assert not (tmp_path / "x.csv").exists()

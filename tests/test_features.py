@@ -349,6 +349,31 @@ BAD_INPUTS: dict[str, tuple[Mutation, str, str, int | None]] = {
     "ragged history": (_ragged(4), "train.parquet", "item_seq", 4),
     "empty history": (_set("item_seq", 2, []), "train.parquet", "item_seq", 2),
     "null history": (_set("item_seq", 9, None), "train.parquet", "item_seq", 9),
+    # a null item would be dropped like padding, shifting the row's history
+    "null item in history": (
+        _set("item_seq", 4, [0] * 5 + [3, None, 5]),
+        "train.parquet",
+        "'item_seq' holds a null item id",
+        4,
+    ),
+    "null item in history, row 0": (
+        _set("item_seq", 0, [None] * 8, "valid.parquet"),
+        "valid.parquet",
+        "'item_seq' holds a null item id",
+        0,
+    ),
+    "null item in fixed-size history": (
+        _rewrite(
+            "test.parquet",
+            lambda f: f.with_columns(
+                pl.Series("item_seq", [s if r != 7 else [1, None] + s[2:] for r, s in
+                                       enumerate(f["item_seq"].to_list())], dtype=pl.Array(pl.Int64, SEQ_LEN))
+            ),
+        ),
+        "test.parquet",
+        "'item_seq' holds a null item id",
+        7,
+    ),
     "empty history in row 0": (_set("item_seq", 0, [], "test.parquet"), "test.parquet", "item_seq", 0),
     "likes_level 10": (_set("likes_level", 5, 10), "train.parquet", "likes_level", 5),
     "views_level -1": (_set("views_level", 0, -1, "test.parquet"), "test.parquet", "views_level", 0),
@@ -857,3 +882,59 @@ def test_stale_temp_folders_of_dead_builds_are_removed(tmp_path: Path) -> None:
     live.mkdir()
     build(raw, out)
     assert not ours.exists() and live.exists()
+
+
+def test_a_null_item_in_a_history_message(tmp_path: Path) -> None:
+    raw = write_raw(tmp_path)
+    _set("item_seq", 5, [0] * 5 + [3, None, 5])(raw)
+    with pytest.raises(QinError) as info:
+        build(raw, tmp_path / "f")
+    assert str(info.value) == (
+        f"{raw / 'train.parquet'}: column 'item_seq' holds a null item id (first bad row 5, 0-based)"
+    )
+
+
+@pytest.mark.parametrize("file", ["train.parquet", "test.parquet", "item_info.parquet"])
+@pytest.mark.parametrize("kind", ["folder", "fifo"])
+def test_an_input_that_is_not_a_regular_file_says_what_it_is(tmp_path: Path, file: str, kind: str) -> None:
+    raw = write_raw(tmp_path)
+    path = raw / file
+    path.unlink()
+    if kind == "folder":
+        path.mkdir()
+        expected = f"{path}: is a folder, not a parquet file"
+    else:
+        os.mkfifo(path)  # hashing it would block forever: refused before
+        expected = f"{path}: is not a regular file (a fifo)"
+    with pytest.raises(QinError) as info:
+        build(raw, tmp_path / "f")
+    assert str(info.value) == expected
+    assert not (tmp_path / "f").exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo", "missing"])
+def test_an_item_info_override_that_is_not_a_regular_file(tmp_path: Path, kind: str) -> None:
+    raw = write_raw(tmp_path)
+    alt = tmp_path / "alt.parquet"
+    expected = {
+        "folder": f"{alt}: is a folder, not a parquet file",
+        "fifo": f"{alt}: is not a regular file (a fifo)",
+        "missing": f"{alt}: file not found",
+    }[kind]
+    if kind == "folder":
+        alt.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(alt)
+    with pytest.raises(QinError) as info:
+        feature_dir_for(tmp_path / "features", raw, 5, alt)
+    assert str(info.value) == expected
+    with pytest.raises(QinError) as info:
+        build(raw, tmp_path / "f", item_info=alt)
+    assert str(info.value) == expected
+
+
+def test_a_symlink_to_an_input_is_fine(tmp_path: Path) -> None:
+    raw = write_raw(tmp_path)
+    (raw / "train.parquet").rename(tmp_path / "elsewhere.parquet")
+    (raw / "train.parquet").symlink_to(tmp_path / "elsewhere.parquet")
+    assert build(raw, tmp_path / "f").rebuilt

@@ -24,6 +24,7 @@ from qin.errors import QinError
 from qin.features import feature_dir_for, load_features
 from qin.features import pipeline as pipeline_module
 from qin.features.io import open_array
+from qin.features.pipeline import TEMP_MARKER
 from qin.features.validate import raise_first_bad, split_checks
 from tests.test_features import build, leftovers, split_frame, write_raw
 
@@ -97,11 +98,95 @@ def test_stale_temp_folders_are_removed_when_up_to_date(tmp_path: Path) -> None:
     killed = [tmp_path / f"f.tmp-{_dead_pid()}", tmp_path / f"f.old-{_dead_pid()}"]
     for folder in killed:
         (folder / "train").mkdir(parents=True)
+        (folder / TEMP_MARKER).write_text("1\n")  # what the build writes first
     live = tmp_path / f"f.tmp-{os.getppid()}"  # a concurrent build of a live process: keep
     live.mkdir()
+    (live / TEMP_MARKER).write_text("1\n")
 
     assert not build(raw, out).rebuilt
     assert not any(folder.exists() for folder in killed) and live.exists()
+
+
+def _thesis(folder: Path) -> Path:
+    """A user's folder that merely has a stale-looking name."""
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "thesis.tex").write_text("years of work")
+    return folder
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_user_folders_with_a_stale_name_are_never_deleted(tmp_path: Path, force: bool) -> None:
+    raw = write_raw(tmp_path)
+    out = tmp_path / "f"
+    build(raw, out)
+    mine = [_thesis(tmp_path / f"f.tmp-{_dead_pid()}"), _thesis(tmp_path / f"f.old-{_dead_pid()}"),
+            _thesis(tmp_path / f"f.old-{'9' * 30}")]  # no process can have that pid
+    # a copy of a feature folder the user put notes in: not only what a build writes
+    copied = tmp_path / f"f.old-{_dead_pid()}"
+    shutil.copytree(out, copied)
+    (copied / "notes.txt").write_text("mine")
+
+    assert build(raw, out, force=force).rebuilt == force  # "features up to date", or a rebuild
+    for folder in mine:
+        assert (folder / "sub" / "thesis.tex").read_text() == "years of work"
+    assert (copied / "notes.txt").read_text() == "mine" and (copied / "manifest.json").is_file()
+
+
+def test_an_old_build_renamed_aside_before_its_marker_is_removed(tmp_path: Path) -> None:
+    """A build killed between renaming the old folder aside and marking it: its manifest proves it."""
+    raw = write_raw(tmp_path)
+    out = tmp_path / "f"
+    build(raw, out)
+    old = tmp_path / f"f.old-{_dead_pid()}"
+    shutil.copytree(out, old)
+    not_ours = tmp_path / f"f.tmp-{_dead_pid()}"  # a complete folder, but .tmp- folders need the marker
+    shutil.copytree(out, not_ours)
+    empty = tmp_path / f"f.tmp-{_dead_pid()}"  # killed between mkdir and the marker: loses nothing
+    empty.mkdir()
+    assert not build(raw, out).rebuilt
+    assert not old.exists() and not empty.exists() and not_ours.exists()
+
+
+@pytest.mark.parametrize("kind", ["tmp", "old"])
+def test_a_user_folder_with_our_temp_name_refuses_the_build(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    raw = write_raw(tmp_path)
+    out = tmp_path / "f"
+    build(raw, out)
+    taken = _thesis(tmp_path / f"f.{kind}-{os.getpid()}")
+    monkeypatch.setattr(pipeline_module, "_build", _raising(AssertionError("the build started")))
+    with pytest.raises(QinError) as info:
+        build(raw, out, force=True)
+    assert str(info.value) == (
+        f"{taken}: exists and was not made by `qin preprocess` (no {TEMP_MARKER} in it); the build "
+        "needs this name for a temporary folder, so move or rename it first"
+    )
+    assert (taken / "sub" / "thesis.tex").read_text() == "years of work"
+    assert load_features(out).manifest["format_version"] == 1
+
+
+def test_the_build_marks_its_temp_and_old_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = write_raw(tmp_path)
+    out = tmp_path / "f"
+    build(raw, out)
+    seen: dict[str, bool] = {}
+    real_build, real_rmtree = pipeline_module._build, shutil.rmtree
+
+    def spy_build(inputs: object, tmp: Path, *args: object) -> object:
+        seen["tmp"] = (tmp / TEMP_MARKER).read_text() == f"{os.getpid()}\n"
+        return real_build(inputs, tmp, *args)  # type: ignore[arg-type]
+
+    def spy_rmtree(path: Path, *args: object, **kwargs: object) -> None:
+        seen[Path(path).name] = (Path(path) / TEMP_MARKER).read_text() == f"{os.getpid()}\n"
+        real_rmtree(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pipeline_module, "_build", spy_build)
+    monkeypatch.setattr(pipeline_module.shutil, "rmtree", spy_rmtree)
+    (out / TEMP_MARKER).write_text("1\n")  # left by a build killed right after publishing: tolerated
+    assert build(raw, out, force=True).rebuilt
+    assert seen == {"tmp": True, f"f.old-{os.getpid()}": True}  # the old build, deleted once marked
+    assert not (out / TEMP_MARKER).exists() and leftovers(tmp_path) == []
 
 
 def test_stale_cleanup_never_fails_a_noop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from qin.embed.encoders import DEFAULT_TEXT_NAME, default_text_model
-from qin.runs import file_mode
+from qin.embed.atomic import atomic_write
+from qin.embed.encoders import DEFAULT_TEXT_NAME, console, default_text_model
 
 CACHE_VERSION = 1  # part of every cache key: bump when the encoding code changes what a cached vector means
 
@@ -51,34 +49,71 @@ def cache_path(cache_dir: Path, name: str, key: dict[str, Any]) -> Path:
     return cache_dir / f"{name}-{digest}.npy"
 
 
+def checksum_path(path: Path) -> Path:
+    """The sidecar that records a cache file's sha256: ``<name>.npy.sha256`` (``sha256sum -c`` format)."""
+    return path.with_name(path.name + ".sha256")
+
+
 def _save_atomic(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
+    """Write ``path`` (.npy), then its sha256 sidecar, each atomically.
+
+    A run killed between the two leaves a cache file without a matching record, which the next load
+    discards: a cache entry is only trusted once both are in place.
+    """
+    with atomic_write(path) as tmp:
+        with open(tmp, "wb") as handle:
             np.save(handle, array)
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        with open(tmp, "rb") as handle:
+            digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    with atomic_write(checksum_path(path)) as tmp:
+        tmp.write_text(f"{digest}  {path.name}\n")
 
 
 def cached_vectors(path: Path, n_items: int, encode: Callable[[], np.ndarray]) -> np.ndarray:
-    """The (N, D) vectors cached at `path`, or `encode()`'s, then cached (atomically) for next time."""
-    vectors = _load_cached(path, n_items)
+    """The (N, D) vectors cached at `path`, or `encode()`'s, then cached (atomically) for next time.
+
+    A cache entry whose bytes do not match its recorded sha256 (or that has no record, or is unreadable
+    or of the wrong shape) is discarded with a one-line note and re-encoded.
+    """
+    vectors, problem = _load_cached(path, n_items)
+    if problem is not None:
+        console.print(f"discarded cache entry {path}: {problem}; encoding again", style="yellow",
+                      markup=False, highlight=False, soft_wrap=True)
     if vectors is None:
         vectors = encode()
         _save_atomic(path, vectors)
     return vectors
 
 
-def _load_cached(path: Path, n_items: int) -> np.ndarray | None:
-    """A cached (N, D) matrix, or None when absent or unusable (it is then re-encoded and rewritten)."""
-    if not path.is_file():
-        return None
+def _recorded_digest(path: Path) -> str | None:
+    """The sha256 recorded for a cache file, or None when the record is absent or unreadable."""
     try:
-        array = np.load(path)
-    except (OSError, ValueError):
+        fields = checksum_path(path).read_text().split()
+    except (OSError, UnicodeDecodeError):
         return None
-    return array if array.ndim == 2 and array.shape[0] == n_items else None
+    digest = fields[0].lower() if fields else ""
+    return digest if re.fullmatch(r"[0-9a-f]{64}", digest) else None
+
+
+def _load_cached(path: Path, n_items: int) -> tuple[np.ndarray | None, str | None]:
+    """A cached (N, D) matrix and None, or None and why the entry is unusable (None too when absent).
+
+    An unusable entry is re-encoded and rewritten by `cached_vectors`.
+    """
+    if not path.is_file():
+        return None, None
+    recorded = _recorded_digest(path)
+    if recorded is None:
+        return None, f"no sha256 record ({checksum_path(path).name} missing or unreadable)"
+    try:
+        with open(path, "rb") as handle:  # one open file: the bytes hashed are the bytes loaded
+            digest = hashlib.file_digest(handle, "sha256").hexdigest()
+            if digest != recorded:
+                return None, "its sha256 differs from the recorded one (the file changed after writing)"
+            handle.seek(0)
+            array = np.load(handle, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:
+        return None, f"not a readable .npy ({error})"
+    if not isinstance(array, np.ndarray) or array.ndim != 2 or array.shape[0] != n_items:
+        return None, f"shape {getattr(array, 'shape', None)} is not ({n_items}, D)"
+    return array, None

@@ -31,7 +31,7 @@ from qin.embed.tables import (
     vector_width,
     write_item_table,
 )
-from qin.embed.vectors import Fusion, as_fusion, fuse, pca_reduce
+from qin.embed.vectors import Fusion, as_fusion, check_pca_dim, fuse, pca_reduce
 from qin.errors import QinError
 from qin.features.io import ITEM_ID, sha256_file
 
@@ -68,13 +68,14 @@ def embed_from_precomputed(item_feature: Path, item_info: Path, out: Path, dim: 
         item_feature: item_feature.parquet (item_id 1..N in any order, every item present once).
         item_info: item_info.parquet (item_id 0..N); its item_tags and other columns are kept.
         out: the item table to write (item_info schema, item_emb_d128 = list<float32>[dim]).
-        dim: PCA width (the challenge requires 128).
+        dim: PCA width (the challenge requires 128); at most min(N, 1792).
 
     Returns:
         EmbedResult; missing_titles and missing_images are 0 (this recipe reads neither).
 
     Raises:
-        QinError: a file or column is missing, ids do not match item_info, or vectors differ in length.
+        QinError: a file or column is missing, ids do not match item_info, vectors differ in length, out
+            does not end in .parquet, or dim exceeds min(N, the fused input width).
     """
     start = time.perf_counter()
     check_embed_output(Path(out), [Path(item_feature), Path(item_info)])
@@ -90,6 +91,7 @@ def embed_from_precomputed(item_feature: Path, item_info: Path, out: Path, dim: 
     # One column at a time, written straight into its block of the fused matrix: peak memory is the fused
     # matrix plus one column (about 2 x 650 MB for the real 91,717 items), not several 1792-d copies.
     widths = [vector_width(item_feature, column) for column in (TXT_EMB, IMG_EMB)]
+    check_pca_dim(dim, n_items, sum(widths), "fused input width")
     fused = np.empty((n_items, sum(widths)), dtype=np.float32)  # (N, 768 + 1024), row i-1 = item i
     offset = 0
     for column, width in zip((TXT_EMB, IMG_EMB), widths, strict=True):
@@ -103,6 +105,20 @@ def embed_from_precomputed(item_feature: Path, item_info: Path, out: Path, dim: 
     write_item_table(info, pca.vectors, Path(out))
     return EmbedResult(out=Path(out), items=n_items, missing_titles=0, missing_images=0,
                        explained_variance=pca.total_explained, seconds=time.perf_counter() - start)
+
+
+def check_cache_dir(cache_dir: Path) -> None:
+    """QinError when ``cache_dir``, or the nearest of its parents that exists, is not a folder.
+
+    Checked before anything is encoded: otherwise the first cache write, after all the encoding, fails.
+    """
+    for candidate in (cache_dir, *cache_dir.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                shown = "" if candidate == cache_dir else f" ({candidate} is a file)"
+                raise QinError(f"{cache_dir}: cache dir exists and is not a folder{shown}; "
+                               "choose another --cache-dir")
+            return
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -131,7 +147,7 @@ def embed_from_content(item_feature: Path, item_info: Path, images_dir: Path | N
         text_model: local transformers text model folder; None = the shipped all-MiniLM-L6-v2.
         image_model: local transformers vision or CLIP model folder; None = text only.
         text_weight, image_weight: per-modality weights (see `fuse`); a 0 weight skips that encoder.
-        dim: PCA width (the challenge requires 128); at most the fused width.
+        dim: PCA width (the challenge requires 128); at most min(N, the fused width).
         batch_size: items per encoder forward pass.
         cache_dir: where encoded vectors are cached.
         progress: show progress bars and print the missing counts.
@@ -141,13 +157,14 @@ def embed_from_content(item_feature: Path, item_info: Path, images_dir: Path | N
         EmbedResult with the missing counts and the PCA's explained variance.
 
     Raises:
-        QinError: a model folder, file or column is missing, weights are invalid, or dim exceeds the
-            fused width.
+        QinError: a model folder, file or column is missing, weights are invalid, cache_dir is not a
+            folder, out does not end in .parquet, or dim exceeds min(N, the fused width).
     """
     start = time.perf_counter()
     fusion = as_fusion(fusion)
     item_feature, item_info, out, cache_dir = Path(item_feature), Path(item_info), Path(out), Path(cache_dir)
     check_embed_output(out, [item_feature, item_info])
+    check_cache_dir(cache_dir)
     use_text = text_weight > 0
     use_image = image_model is not None and image_weight > 0
     if not use_text and not use_image:
@@ -160,6 +177,9 @@ def embed_from_content(item_feature: Path, item_info: Path, images_dir: Path | N
 
     info = read_item_info(item_info)
     n_items = info.height - 1
+    if not 1 <= dim <= n_items:  # the fused width is known after encoding; the item count already
+        raise QinError(f"PCA to {dim} dimensions needs 1 <= dim <= min(number of items, fused input width); "
+                       f"there are {n_items} items")
     feature = read_checked_parquet(item_feature, [ITEM_ID, ITEM_TITLE])
     rows = item_rows(feature[ITEM_ID].to_numpy(), n_items, item_feature)
     titles: list[str | None] = [None] * n_items  # row i-1 = item i
@@ -193,8 +213,7 @@ def embed_from_content(item_feature: Path, item_info: Path, images_dir: Path | N
                       + (f"{missing_images} without a readable image" if image_dir else "images not used"))
 
     fused = fuse(parts, fusion) if len(parts) > 1 else parts[0][0]  # (N, D)
-    if dim > fused.shape[1]:
-        raise QinError(f"dim {dim} exceeds the fused width {fused.shape[1]}; lower dim or add a modality")
+    check_pca_dim(dim, n_items, fused.shape[1], "fused width")
     pca = pca_reduce(fused, dim)
     write_item_table(info, pca.vectors, out)
     return EmbedResult(out=out, items=n_items, missing_titles=missing_titles, missing_images=missing_images,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,9 +9,9 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
+from qin.embed.atomic import atomic_write
 from qin.errors import QinError, os_error
 from qin.features.io import ITEM_EMB, ITEM_ID, ITEM_TAGS
-from qin.runs import file_mode
 
 ITEM_TITLE = "item_title"
 TXT_EMB = "txt_emb_BERT"  # (768,) frozen BERT vector per item, item_feature.parquet
@@ -23,12 +21,15 @@ WRITER_KEY, WRITER_VALUE = b"qin.writer", b"qin embed"
 
 
 def check_embed_output(out: Path, inputs: Sequence[Path]) -> None:
-    """Refuse an --out that is one of the inputs, not a regular file, or a file `qin embed` did not write.
+    """Refuse an --out that does not end in .parquet, is one of the inputs, is not a regular file, or is a
+    file `qin embed` did not write.
 
     The organisers' item_info.parquet sits next to the default output; replacing it by mistake would
     lose the challenge's own vectors.
     """
     out = Path(out)
+    if out.suffix.lower() != ".parquet":
+        raise QinError(f"{out}: the item table is written as parquet; give an --out ending in .parquet")
     if any(out.resolve() == Path(source).resolve() for source in inputs):
         raise QinError(f"{out}: is one of the input files; write the new table to another path")
     if out.is_symlink() or (out.exists() and not out.is_file()):
@@ -120,25 +121,18 @@ def write_item_table(info: pl.DataFrame, item_vectors: np.ndarray, out: Path) ->
         info: item_info sorted by item_id (N + 1 rows).
         item_vectors: (N, d) vectors of items 1..N.
 
-    The file is written next to ``out`` under a temporary name and renamed, so a reader never sees a
-    half-written table.
+    The file is written next to ``out`` under a temporary name (``.<name>.<pid>.<random>.tmp``) and
+    renamed, so a reader never sees a half-written table; temporaries a killed run left are removed.
     """
     table = np.zeros((item_vectors.shape[0] + 1, item_vectors.shape[1]), dtype=np.float32)  # (N+1, d)
     table[1:] = item_vectors
     emb = pl.Series(ITEM_EMB, table).cast(pl.List(pl.Float32))
     columns = info.columns if ITEM_EMB in info.columns else [*info.columns, ITEM_EMB]
     frame = info.with_columns(emb).select(columns)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        table = frame.to_arrow()
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}), WRITER_KEY: WRITER_VALUE})
-        pq.write_table(table, tmp, compression="zstd")
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, out)
+        with atomic_write(out) as tmp:
+            table = frame.to_arrow()
+            table = table.replace_schema_metadata({**(table.schema.metadata or {}), WRITER_KEY: WRITER_VALUE})
+            pq.write_table(table, tmp, compression="zstd")
     except OSError as error:  # pyarrow's write errors often name no file: name the table
         raise os_error(error, doing="writing the item table", path=out) from error
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

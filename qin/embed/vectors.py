@@ -56,6 +56,15 @@ def _resolve_gpu(use_gpu: bool | None) -> bool:
     return use_gpu
 
 
+def check_pca_dim(dim: int, n_items: int, width: int, width_name: str = "input width") -> None:
+    """QinError unless 1 <= dim <= min(n_items, width): PCA of N points in D dimensions has at most
+    min(N, D) output dimensions worth keeping (N centred points span at most N - 1 directions)."""
+    bound = min(n_items, width)
+    if not 1 <= dim <= bound:
+        raise QinError(f"PCA to {dim} dimensions needs 1 <= dim <= {bound}, the smaller of the number of "
+                       f"items ({n_items}) and the {width_name} ({width})")
+
+
 def pca_reduce(matrix: np.ndarray, dim: int = 128, use_gpu: bool | None = None) -> PCAResult:
     """Plain PCA (centred, no whitening) with faiss.PCAMatrix, like the organisers' sklearn PCA(128).
 
@@ -66,7 +75,7 @@ def pca_reduce(matrix: np.ndarray, dim: int = 128, use_gpu: bool | None = None) 
 
     Args:
         matrix: (N, D) vectors, any float dtype (computed in float32, as faiss does).
-        dim: d, the number of components kept; at most D.
+        dim: d, the number of components kept; at most min(N, D).
         use_gpu: see above.
 
     Returns:
@@ -74,7 +83,7 @@ def pca_reduce(matrix: np.ndarray, dim: int = 128, use_gpu: bool | None = None) 
         |loading| is positive, so the result does not depend on the eigen-solver's sign choice.
 
     Raises:
-        QinError: matrix is not 2-D, has fewer than 2 rows, holds NaN/inf, or dim is not in 1..D.
+        QinError: matrix is not 2-D, has fewer than 2 rows, holds NaN/inf, or dim is not in 1..min(N, D).
     """
     _resolve_gpu(use_gpu)
     if matrix.ndim != 2:
@@ -82,14 +91,13 @@ def pca_reduce(matrix: np.ndarray, dim: int = 128, use_gpu: bool | None = None) 
     n, width = matrix.shape
     if n < 2:
         raise QinError(f"PCA needs at least 2 items, got {n}")
-    if not 1 <= dim <= width:
-        raise QinError(f"PCA to {dim} dimensions needs 1 <= dim <= {width} (the input width)")
+    check_pca_dim(dim, n, width)
     x = np.ascontiguousarray(matrix, dtype=np.float32)  # (N, D)
     if not np.isfinite(x).all():
         raise QinError("PCA input holds NaN or inf values")
     # N centred points span at most N - 1 directions: later components carry no variance and project
     # every point to 0. faiss cannot output more than N (and its N-th is noise), so it fits
-    # min(d, N - 1) components and the rest are zero columns, which is the exact PCA result.
+    # min(d, N - 1) components; with d = N the last is a zero column, which is the exact PCA result.
     fit = min(dim, n - 1)
     pca = faiss.PCAMatrix(width, fit, 0.0, False)  # eigen_power 0 = no whitening, no random rotation
     pca.max_points_per_d = max(pca.max_points_per_d, -(-n // width))  # train on every row, never a sample

@@ -24,6 +24,7 @@ import errno
 import hashlib
 import json
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -85,14 +86,43 @@ def source_entry(path: Path) -> dict[str, Any]:
     return {"path": str(path.resolve()), "size": path.stat().st_size, "sha256": sha256_file(path)}
 
 
+def check_input_file(path: Path) -> None:
+    """Refuse a raw input that is not a regular file, saying what it is instead.
+
+    Raises:
+        QinError: ``<path>: file not found``, ``<path>: is a folder, not a parquet file`` or
+            ``<path>: is not a regular file (a fifo)`` (a socket, a device, ...).
+    """
+    try:
+        mode = path.stat().st_mode  # follows symlinks: a link to a parquet file is fine
+    except OSError:  # missing, a dangling link, an unsearchable parent
+        raise QinError(f"{path}: file not found") from None
+    if stat.S_ISREG(mode):
+        return
+    if stat.S_ISDIR(mode):
+        raise QinError(f"{path}: is a folder, not a parquet file")
+    raise QinError(f"{path}: is not a regular file ({_file_kind(mode)})")
+
+
+def _file_kind(mode: int) -> str:
+    """What a non-regular, non-folder file is, in words."""
+    kinds = [
+        (stat.S_ISFIFO, "a fifo"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ]
+    return next((name for test, name in kinds if test(mode)), "a special file")
+
+
 def read_schema(path: Path) -> pl.Schema:
     """Column names and dtypes from the parquet footer (no data is read).
 
     Raises:
-        QinError: the file is missing or is not a readable parquet file.
+        QinError: the file is missing, is not a regular file (`check_input_file`) or is not a
+            readable parquet file.
     """
-    if not path.is_file():
-        raise QinError(f"{path}: file not found")
+    check_input_file(path)
     try:
         return pl.scan_parquet(path).collect_schema()
     except Exception as exc:  # polars raises several error types for a corrupt footer

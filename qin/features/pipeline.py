@@ -19,6 +19,7 @@ never by the split size.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import time
@@ -49,6 +50,7 @@ from qin.features.io import (
     SPLITS,
     USER_ID,
     VIEWS_LEVEL,
+    check_input_file,
     count_rows,
     open_array,
     read_manifest,
@@ -76,6 +78,13 @@ _SPLIT_FILES = frozenset(
 )
 _BUILT_FOLDERS: dict[str, frozenset[str]] = {"items": _ITEM_FILES} | {split: _SPLIT_FILES for split in SPLITS}
 _FOREIGN_SHOWN = 5  # foreign paths named in the refusal
+
+# The proof that a ``<out_dir>.tmp-<pid>`` / ``.old-<pid>`` folder is the build's own: written into the
+# temp folder right after it is made, and into an old build right after it is renamed aside (holding
+# the pid). Stale-folder cleanup deletes only folders that hold it (see `_made_by_qin`), never a
+# user's folder that merely has a matching name. It travels with the temp folder into ``out_dir``,
+# where it is removed after the rename (and tolerated if a crash left it there).
+TEMP_MARKER = ".qin-preprocess-temp"
 
 # File names hold at most 255 bytes (ext4, xfs, btrfs, tmpfs, APFS), and the build adds ``.tmp-<pid>`` /
 # ``.old-<pid>`` (12 bytes with a 7-digit pid, Linux's largest). A name that fits with that suffix is
@@ -113,8 +122,7 @@ def feature_dir_for(features_root: Path, raw_dir: Path, max_len: int, item_info:
     tail = f"-L{max_len}-{place}"
     if item_info is not None:
         item_info = Path(item_info)
-        if not item_info.is_file():
-            raise QinError(f"{item_info}: file not found")
+        check_input_file(item_info)
         digest = hashlib.sha256(f"{item_info.resolve()}\n{sha256_file(item_info)}".encode()).hexdigest()
         tail += f"-ii{digest[:8]}"
     return Path(features_root) / _fitting_name(raw_dir.resolve().parent.name, raw_dir.name, tail)
@@ -193,8 +201,10 @@ def build_features(
             differ from ``expected_sources``; an existing ``out_dir`` that holds anything a build
             does not write (a run folder, a submission someone saved there: a rebuild would delete
             it), naming up to 5 such paths; or an OS failure writing the folder (a full disk, a
-            read-only or non-folder ``out_dir`` parent), in one line. Nothing is left behind: the
-            build writes to ``<out_dir>.tmp-<pid>`` and deletes it on error.
+            read-only or non-folder ``out_dir`` parent), in one line; a ``<out_dir>.tmp-<pid>`` /
+            ``.old-<pid>`` name the build needs taken by a folder it did not make. Nothing is left
+            behind: the build writes to ``<out_dir>.tmp-<pid>`` (marked as its own with
+            `TEMP_MARKER`) and deletes it on error.
     """
     start = time.perf_counter()
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
@@ -207,8 +217,7 @@ def build_features(
     inputs = {f"{split}.parquet": split_file(raw_dir, split) for split in SPLITS}
     inputs[ITEM_INFO] = Path(item_info) if item_info is not None else raw_dir / ITEM_INFO
     for path in inputs.values():
-        if not path.is_file():
-            raise QinError(f"{path}: file not found")
+        check_input_file(path)  # missing, a folder or a fifo: said as such
     config = {
         "raw_dir": str(raw_dir.resolve()),
         "item_info": str(inputs[ITEM_INFO].resolve()),
@@ -234,21 +243,27 @@ def build_features(
         _check_replaceable(out_dir)  # before any work: a refused rebuild costs nothing
 
     tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+    _check_names_free(out_dir, tmp)  # before any work, like the checks above
+    made = False  # never delete a folder this call did not make
     try:
         tmp.mkdir(parents=True)  # a features_root that is a file: NotADirectoryError / FileExistsError
+        made = True
+        _mark(tmp)  # first: the proof that the folder is ours, should the build be killed
         manifest = _build(inputs, tmp, max_len, chunk_rows, console, config, sources)
         write_manifest(tmp, manifest)  # last: a folder with a manifest is a complete folder
         _publish(tmp, out_dir)
     except OSError as error:
         # Reads of the raw files already raise QinError, so this is the output side: a full disk
         # (ENOSPC), a read-only folder (EROFS, EACCES), a file where a folder should be (ENOTDIR).
-        shutil.rmtree(tmp, ignore_errors=True)
+        if made:
+            shutil.rmtree(tmp, ignore_errors=True)
         if error.filename is None:  # a failed write() names no file
             error.filename = str(out_dir)
         raise os_error(error, doing="writing the feature folder") from error
     except BaseException:
         # Also on KeyboardInterrupt: never leave a half-written folder behind.
-        shutil.rmtree(tmp, ignore_errors=True)
+        if made:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     seconds = time.perf_counter() - start
     console.print(f"[green]features written[/]: {out_dir} ({seconds:.1f} s)")
@@ -530,26 +545,104 @@ def _remove_stale(out_dir: Path) -> None:
     """Delete ``<out_dir>.tmp-<pid>`` / ``.old-<pid>`` folders of builds that were killed outright.
 
     A build removes its own temp folder on any Python exception, but not on SIGKILL or a power
-    cut. A folder whose pid is ours (an earlier call) or no longer running is garbage; one of a
-    live process is a concurrent build and is left alone. Best effort, never an error: it also
-    runs before a no-op on an up-to-date folder, whose parent may be read-only or unlistable.
+    cut. A folder whose pid is ours (an earlier call) or no longer running is garbage if the build
+    made it (`_made_by_qin`); one of a live process is a concurrent build and is left alone, and so
+    is any folder that only has a matching name (a user's ``<out_dir>.old-2`` with a thesis in it).
+    An empty one (a build killed between making the folder and marking it) is removed: that loses
+    nothing. Best effort, never an error: it also runs before a no-op on an up-to-date folder, whose
+    parent may be read-only or unlistable.
     """
     try:
         if not out_dir.parent.is_dir():
             return
-        for path in out_dir.parent.glob(f"{out_dir.name}.*-*"):
-            kind, _, pid = path.name.removeprefix(f"{out_dir.name}.").partition("-")
-            if kind in ("tmp", "old") and pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
-                shutil.rmtree(path, ignore_errors=True)
+        candidates = list(out_dir.parent.glob(f"{out_dir.name}.*-*"))
     except OSError:
         return
+    for path in candidates:
+        kind, _, pid = path.name.removeprefix(f"{out_dir.name}.").partition("-")
+        if kind not in ("tmp", "old") or not (pid.isascii() and pid.isdigit()):  # int("²") fails
+            continue
+        try:
+            if int(pid) != os.getpid() and _alive(int(pid)):
+                continue
+            if path.is_symlink() or not path.is_dir():
+                continue
+            if _made_by_qin(path, kind):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.rmdir()  # only when empty (ENOTEMPTY otherwise, which leaves it as it is)
+        except OSError:
+            continue
+
+
+def _made_by_qin(folder: Path, kind: str) -> bool:
+    """Whether a stale ``.tmp-<pid>`` / ``.old-<pid>`` folder is the build's own, so safe to delete.
+
+    It is when it holds `TEMP_MARKER` (a regular file). An ``.old-`` folder without one is an older
+    build renamed aside by a build killed before it wrote the marker: it is deleted only when it is
+    a complete feature folder holding nothing a build does not write (the rule `_check_replaceable`
+    applies before replacing a folder), never otherwise.
+    """
+    marker = folder / TEMP_MARKER
+    if marker.is_file() and not marker.is_symlink():
+        return True
+    if kind != "old":
+        return False
+    manifest = folder / MANIFEST
+    if not manifest.is_file() or manifest.is_symlink():
+        return False
+    try:
+        content = json.loads(manifest.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(content, dict) and "format_version" in content and not _foreign_entries(folder)
+
+
+def _mark(folder: Path) -> None:
+    """Write `TEMP_MARKER` (this process's pid) into a folder the build made or renamed aside."""
+    (folder / TEMP_MARKER).write_text(f"{os.getpid()}\n")
+
+
+def _unmark(folder: Path) -> None:
+    """Remove `TEMP_MARKER` from a published folder (best effort: a leftover one is tolerated)."""
+    try:
+        (folder / TEMP_MARKER).unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def _check_names_free(out_dir: Path, tmp: Path) -> None:
+    """Refuse to build when the temp or old name this build needs is taken by a folder it did not make.
+
+    `_remove_stale` already removed those the build made; anything left there (a user's folder that
+    happens to have the name) is never deleted or overwritten.
+    """
+    names = [tmp]
+    if out_dir.exists():
+        names.append(_old_name(out_dir))
+    for path in names:
+        if os.path.lexists(path):
+            raise _name_taken(path)
+
+
+def _name_taken(path: Path) -> QinError:
+    """The refusal for a temp / old name held by something the build did not make."""
+    return QinError(
+        f"{path}: exists and was not made by `qin preprocess` (no {TEMP_MARKER} in it); the build "
+        "needs this name for a temporary folder, so move or rename it first"
+    )
+
+
+def _old_name(out_dir: Path) -> Path:
+    """Where `_publish` renames an older build aside: ``<out_dir>.old-<pid>``."""
+    return out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
 
 
 def _alive(pid: int) -> bool:
     """Whether a process with this pid exists."""
     try:
         os.kill(pid, 0)  # signal 0: an existence check, sends nothing
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # OverflowError: a pid no process can have
         return False
     except PermissionError:  # exists, owned by another user
         return True
@@ -585,11 +678,12 @@ def _foreign_entries(out_dir: Path) -> list[str]:
     """Paths under ``out_dir`` (relative, folders with a trailing ``/``) that a build does not write.
 
     A foreign folder is named once, not descended into. A known name of the wrong kind (a ``train``
-    file, a symlink where an array should be) is foreign too: the build never writes one.
+    file, a symlink where an array should be) is foreign too: the build never writes one. A
+    `TEMP_MARKER` file is the build's own (left by a build killed right after publishing).
     """
     foreign = []
     for entry in _entries(out_dir):
-        if entry.name == MANIFEST and entry.is_file(follow_symlinks=False):
+        if entry.name in (MANIFEST, TEMP_MARKER) and entry.is_file(follow_symlinks=False):
             continue
         files = _BUILT_FOLDERS.get(entry.name)
         if files is None or not entry.is_dir(follow_symlinks=False):
@@ -620,18 +714,27 @@ def _publish(tmp: Path, out_dir: Path) -> None:
     """Move the finished temp folder to ``out_dir``, replacing an older build.
 
     The old folder is renamed aside first and deleted only after the new one is in place, so a
-    failure at any point leaves either the old or the new complete folder.
+    failure at any point leaves either the old or the new complete folder. The old folder gets
+    `TEMP_MARKER` right after the rename; killed before that, it is still recognised as the
+    build's own by its manifest (`_made_by_qin`).
     """
     old = None
     if out_dir.exists():
-        old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
+        old = _old_name(out_dir)
+        if os.path.lexists(old):  # taken since `_check_names_free`: never delete or replace it
+            raise _name_taken(old)
         os.replace(out_dir, old)
+        try:
+            _mark(old)
+        except OSError:  # a full disk: the manifest still identifies it
+            pass
     try:
         os.replace(tmp, out_dir)
     except BaseException:
         if old is not None:
             os.replace(old, out_dir)
+            _unmark(out_dir)
         raise
+    _unmark(out_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -35,9 +35,10 @@ def recent_nonzero(seq: pl.Expr, max_len: int) -> pl.Expr:
     """The last ``max_len`` non-zero items of each history list, most recent last.
 
     Padding is found by value (``> 0``), never by position, so left-padded, right-padded and even
-    interior zeros all work. Null elements are treated as padding too (``null > 0`` is null, which
-    the filter drops). The order of the kept items is the input order: the newest item is the
-    non-zero one nearest the end of the stored list.
+    interior zeros all work. Null elements would be dropped like padding (``null > 0`` is null, which
+    the filter drops), shifting the history, so validation refuses them before this runs. The order
+    of the kept items is the input order: the newest item is the non-zero one nearest the end of the
+    stored list.
 
     Args:
         seq: List[int] expression, (N,) rows of length S.

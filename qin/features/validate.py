@@ -184,6 +184,12 @@ def split_checks(n_items: int, seq_len: int | None, has_label: bool) -> list[Che
     checks = [
         Check(USER_ID, "is null", pl.col(USER_ID).is_null()),
         Check(ITEM_SEQ, "is null or an empty list", _null_or(seq.list.len() == 0)),
+        # Encoding would drop a null item like a padding 0 and shift the row's history: refuse it.
+        Check(
+            ITEM_SEQ,
+            "holds a null item id",
+            (seq.list.drop_nulls().list.len() != seq.list.len()).fill_null(False),
+        ),
         _length_check(ITEM_SEQ, seq_len, "the length of row 0 (all histories share one stored length)"),
         # list.min/max skip nulls; an all-null list gives null, which is not a range error.
         Check(

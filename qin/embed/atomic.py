@@ -1,0 +1,78 @@
+"""Atomic file writes whose temporary names carry the writer's pid, so a killed writer's leftovers are found.
+
+A file is written as ``.<name>.<pid>.<random>.tmp`` next to its target and renamed over it. Before each
+write, temporaries of the same target whose pid is no longer a live process are removed: a ``qin embed``
+killed mid-write leaves its (0600) temporary only until the next write of that file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from qin.runs import file_mode
+
+
+def temp_name_pattern(target: Path) -> re.Pattern[str]:
+    """Names of `atomic_write`'s temporaries for ``target``: ``.<name>.<pid>.<random>.tmp`` (group 1: pid)."""
+    return re.compile(re.escape(f".{target.name}.") + r"([0-9]+)\.[a-z0-9_]+\.tmp")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (signal 0: nothing is sent). Unknown counts as alive."""
+    if pid <= 0:
+        return True  # 0 and negatives address process groups, not one process: never treat as dead
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):  # another user's process, or a pid out of range
+        return True
+    return True
+
+
+def remove_stale_temps(target: Path) -> list[Path]:
+    """Remove temporaries of ``target`` (full-name matches only) left by processes that no longer run.
+
+    Returns:
+        The removed paths. Files that vanish or cannot be removed meanwhile are skipped silently.
+    """
+    pattern = temp_name_pattern(target)
+    removed: list[Path] = []
+    try:
+        entries = list(target.parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match is None or pid_alive(int(match.group(1))):
+            continue
+        try:
+            if entry.is_file() and not entry.is_symlink():
+                entry.unlink()
+                removed.append(entry)
+        except OSError:
+            pass
+    return removed
+
+
+@contextmanager
+def atomic_write(target: Path) -> Iterator[Path]:
+    """A temporary path next to ``target`` to write; on a clean exit it gets the usual file mode and
+    replaces ``target``. On an error it is removed. Stale temporaries of ``target`` are removed first."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(target)
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, target)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
