@@ -26,6 +26,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy qin
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

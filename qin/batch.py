@@ -33,15 +33,15 @@ class Batch:
         return int(self.target_item.shape[0])
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
-            return None if tensor is None else tensor.to(device, non_blocking=non_blocking)
+        def move(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.to(device, non_blocking=non_blocking)
 
         return Batch(
             target_item=move(self.target_item),
             history=move(self.history),
             likes_level=move(self.likes_level),
             views_level=move(self.views_level),
-            label=move(self.label),
+            label=None if self.label is None else move(self.label),
         )
 
 

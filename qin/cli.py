@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, NoReturn, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
@@ -18,6 +18,9 @@ from rich.table import Table
 
 from qin.config import Config, DeviceChoice
 from qin.errors import QinError, os_error
+
+if TYPE_CHECKING:
+    from qin.predict import LoadedRun  # imported where used: `qin --help` stays fast
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="QIN for multimodal CTR prediction: synth -> preprocess -> train -> predict.")
@@ -58,12 +61,16 @@ SetOption = Annotated[list[str] | None,
 RunOption = Annotated[Path | None, typer.Option("--run", help="Run folder (default: newest under runs/).")]
 
 
-def _user_errors(command: Callable) -> Callable:
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _user_errors(command: Callable[_P, _R]) -> Callable[_P, _R]:
     """Turn QinError, and OSErrors a user fixes outside qin (a full disk, a read-only folder, a file
     where a folder should be), into one `error:` line and exit code 2 instead of a traceback."""
 
     @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         try:
             return command(*args, **kwargs)
         except QinError as error:
@@ -78,7 +85,7 @@ def _user_errors(command: Callable) -> Callable:
     return wrapper
 
 
-def _say_error(message: str) -> None:
+def _say_error(message: str) -> NoReturn:
     error_console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2) from None
 
@@ -100,7 +107,7 @@ def _run_dir_or_latest(run: Path | None, config: Config | None = None) -> Path:
     return chosen
 
 
-def _say_warnings(loaded: Any) -> None:
+def _say_warnings(loaded: LoadedRun) -> None:
     for warning in loaded.warnings:
         console.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False, soft_wrap=True)
 

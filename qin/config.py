@@ -499,7 +499,7 @@ def _one_line(error: ValidationError, source: str, overridden: frozenset[str]) -
     if sections:
         return QinError(f"{source}: unknown config section(s) {sections}; expected {sorted(_SECTIONS)}")
     if extra:
-        section = extra[0][0]
+        section = str(extra[0][0])  # a section's name: a key at the top level was reported just above
         keys = sorted(f"{section}.{loc[1]}" for loc in extra if loc[0] == section)
         # A typo given with --set is the command line's, not the file's.
         where = "--set" if keys and all(key in overridden for key in keys) else source
@@ -528,7 +528,8 @@ def _problem(problem: Any, loc: tuple[Any, ...]) -> str:
     if kind == "list_type":
         return f"must be a list, got {value!r}"
     if kind == "enum" and info is not None:
-        (choices,) = [hint for hint in _types_in(info.annotation) if isinstance(hint, enum.EnumMeta)]
+        (choices,) = [hint for hint in _types_in(info.annotation)
+                      if isinstance(hint, type) and issubclass(hint, enum.Enum)]
         return f"must be one of {', '.join(member.value for member in choices)}; got {value!r}"
     if kind == "finite_number":
         return f"must be a finite number, got {value!r}"

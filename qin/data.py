@@ -49,6 +49,16 @@ class SplitTensors:
             label=None if arrays.label is None else tensor(arrays.label),
         )
 
+    def to(self, device: torch.device) -> SplitTensors:
+        """The same rows on `device`."""
+        return SplitTensors(
+            item_id=self.item_id.to(device),
+            history=self.history.to(device),
+            likes_level=self.likes_level.to(device),
+            views_level=self.views_level.to(device),
+            label=None if self.label is None else self.label.to(device),
+        )
+
     def shard(self, rank: int, world_size: int) -> SplitTensors:
         """Rows rank, rank+W, rank+2W, ...: a disjoint share for one of W processes."""
         index = torch.arange(rank, self.rows, world_size)

@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.distributed as torch_dist
 from torch import nn
+
+if TYPE_CHECKING:
+    from qin.batch import Batch
+    from qin.model import CTRModel
 
 
 @dataclass(frozen=True)
@@ -49,15 +54,15 @@ def device_for(ctx: Context) -> torch.device:
 class _LossModule(nn.Module):
     """DDP synchronises gradients through a module's forward; ours returns the model's loss."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: CTRModel) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, batch):  # -> (loss, logits)
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:  # (loss, logits)
         return self.model.loss(batch)
 
 
-def wrap(model: nn.Module, ctx: Context, device: torch.device) -> nn.Module:
+def wrap(model: CTRModel, ctx: Context, device: torch.device) -> nn.Module:
     """The module the training step calls: the model itself, or its DDP wrapper."""
     if ctx.world_size <= 1:
         return model

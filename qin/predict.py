@@ -203,7 +203,7 @@ def _is_prediction_frame(path: Path) -> bool:
     """An earlier `qin predict --split valid` output (exactly its columns)."""
     try:
         if path.suffix == ".parquet":
-            names = pl.read_parquet_schema(path).keys()
+            names = list(pl.read_parquet_schema(path).keys())
         else:
             names = _first_line(path).strip().split(",")
     except Exception:  # unreadable: not ours
@@ -321,7 +321,7 @@ def evaluate_run(run: LoadedRun, truth_dir: Path | None = None, split: str = "va
               "calibration": calibration_ratio(labels, probabilities)}
     if p_true is not None:
         result["oracle_auc"] = auc(labels, p_true)
-        if split == "valid":
+        if split == "valid" and truth_dir is not None:  # always so: p_true on valid comes from truth_dir
             check_truth_matches(Path(truth_dir), labels, p_true, run.features.dir)
         result["oracle_gauc"] = gauc(labels, p_true, users)
         result["oracle_logloss"] = logloss(labels, p_true)

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import polars as pl
+
+if TYPE_CHECKING:
+    import torch
 
 from qin.analysis.load import AnalysisData
 from qin.errors import QinError
@@ -92,7 +96,7 @@ def _weights(data: AnalysisData, targets: np.ndarray, history: np.ndarray, likes
     return np.concatenate(out) if out else np.zeros((0, history.shape[1]))
 
 
-def _long(array: np.ndarray):
+def _long(array: np.ndarray) -> torch.Tensor:
     import torch
 
     return torch.as_tensor(np.asarray(array, dtype=np.int64))
@@ -166,7 +170,8 @@ def summarize_attention(weights: np.ndarray, mask: np.ndarray, cosine: np.ndarra
                           _summary(per_row, mask & live[:, None], filled, cosine))
 
 
-def _by_recency(weights, mask, shares, live, count) -> pl.DataFrame:
+def _by_recency(weights: np.ndarray, mask: np.ndarray, shares: np.ndarray, live: np.ndarray,
+                count: np.ndarray) -> pl.DataFrame:
     position = np.where(live[:, None], recency_positions(mask), -1)  # (R, L)
     chosen = position >= 0
     depth = int(position.max()) + 1 if chosen.any() else 0
@@ -180,7 +185,8 @@ def _by_recency(weights, mask, shares, live, count) -> pl.DataFrame:
             "uniform_share": np.bincount(index, 1.0 / np.maximum(count[rows], 1), depth) / pairs})
 
 
-def _by_cosine(weights, mask, shares, cosine, bins) -> pl.DataFrame:
+def _by_cosine(weights: np.ndarray, mask: np.ndarray, shares: np.ndarray, cosine: np.ndarray,
+               bins: int) -> pl.DataFrame:
     edges = np.linspace(-1.0, 1.0, bins + 1)
     index = np.clip(np.searchsorted(edges, cosine[mask], side="right") - 1, 0, bins - 1)
     pairs = np.bincount(index, minlength=bins)
@@ -191,7 +197,7 @@ def _by_cosine(weights, mask, shares, cosine, bins) -> pl.DataFrame:
     return table.filter(pl.col("pairs") > 0)
 
 
-def _summary(per_row: pl.DataFrame, mask, shares, cosine) -> pl.DataFrame:
+def _summary(per_row: pl.DataFrame, mask: np.ndarray, shares: np.ndarray, cosine: np.ndarray) -> pl.DataFrame:
     """statistic | value: means over the rows with attention mass (and pooled over their slots)."""
     has_history = per_row.filter(pl.col("history_len") > 0)
     live = has_history.filter(pl.col("mass") > 0)
@@ -212,7 +218,8 @@ def _summary(per_row: pl.DataFrame, mask, shares, cosine) -> pl.DataFrame:
         ("pooled corr(share, cosine)", float(pooled)),
     ]
     return pl.DataFrame({"statistic": [name for name, _ in values],
-                         "value": [None if v is None else float(v) for _, v in values]},
+                         # polars types a Series' mean() as any Python literal: here a float or None
+                         "value": [None if v is None else float(cast(float, v)) for _, v in values]},
                         schema={"statistic": pl.String, "value": pl.Float64})
 
 

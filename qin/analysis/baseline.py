@@ -12,6 +12,7 @@ and `slice_calibration` then show them beside the model.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -38,8 +39,9 @@ def _sample(split: SplitArrays, rows: np.ndarray) -> SplitArrays:
     def take(array: np.ndarray | None) -> np.ndarray | None:
         return None if array is None else np.asarray(array[rows])
 
-    return dataclasses.replace(split, **{f.name: take(getattr(split, f.name))
-                                         for f in dataclasses.fields(split)})
+    # Field by field: each array column taken, the optional ones (None) left None.
+    taken: dict[str, Any] = {f.name: take(getattr(split, f.name)) for f in dataclasses.fields(split)}
+    return dataclasses.replace(split, **taken)
 
 
 def lr_2_scores(data: AnalysisData, counts: np.ndarray, train_rows: int = LR_TRAIN_ROWS,

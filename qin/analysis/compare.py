@@ -16,7 +16,7 @@ import numpy as np
 import polars as pl
 
 from qin.analysis.load import AnalysisData
-from qin.analysis.slices import slice_parts, standard_slices
+from qin.analysis.slices import mean_of, slice_parts, standard_slices
 from qin.analysis.tables import overall_metrics
 from qin.errors import QinError
 from qin.metrics import auc, logloss
@@ -151,8 +151,8 @@ def disagreement_summary(frame: pl.DataFrame, share: float = 0.05) -> pl.DataFra
         labels = part["label"].to_numpy()
         records.append({"label": label, "higher": higher, "rows": part.height,
                         "share_of_rows": part.height / top,
-                        "mean_prediction_a": float(part["prediction"].mean()),
-                        "mean_prediction_b": float(part["prediction_b"].mean()),
+                        "mean_prediction_a": mean_of(part["prediction"]),
+                        "mean_prediction_b": mean_of(part["prediction_b"]),
                         "closer": higher if label == 1 else ("B" if higher == "A" else "A"),
                         "logloss_a": logloss(labels, part["prediction"].to_numpy()),
                         "logloss_b": logloss(labels, part["prediction_b"].to_numpy())})

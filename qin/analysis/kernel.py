@@ -6,7 +6,12 @@ import asyncio
 import contextlib
 import signal
 import sys
+from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from nbclient import NotebookClient
 
 
 def this_python_kernel_manager() -> type:
@@ -36,7 +41,7 @@ def notebook_client_class() -> type:
 
     class QuietClient(NotebookClient):
         @asynccontextmanager
-        async def async_setup_kernel(self, **kwargs):
+        async def async_setup_kernel(self, **kwargs: Any) -> AsyncGenerator[None, None]:
             kwargs.pop("cleanup_kc", None)  # this client always owns its kernel
             if self.km is None:
                 self.km = self.create_kernel_manager()
@@ -56,7 +61,7 @@ def notebook_client_class() -> type:
     return QuietClient
 
 
-def execute(client, **kwargs) -> None:
+def execute(client: NotebookClient, **kwargs: Any) -> None:
     """`client.execute(**kwargs)` on a fresh event loop, where Ctrl-C kills the kernel and raises
     KeyboardInterrupt (no DeadKernelError, no traceback of the cleanup)."""
     loop = asyncio.new_event_loop()

@@ -18,10 +18,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path, PurePath
+from typing import TYPE_CHECKING
 
 from qin.analysis.kernel import execute, notebook_client_class, this_python_kernel_manager
 from qin.errors import QinError, os_error
 from qin.runs import atomic_write_bytes, atomic_write_text, check_replaceable, folder_mode
+
+if TYPE_CHECKING:
+    from nbformat import NotebookNode
 
 NOTEBOOK = files("qin") / "notebooks" / "error_analysis.ipynb"  # package data; a Path unless qin is zipped
 FIGURE_TAG = "figure:"  # a code cell tagged "figure:<name>" saves its images as figures/<name>.png
@@ -159,7 +163,7 @@ def _notebook_stem() -> str:
     return PurePath(NOTEBOOK.name).stem  # NOTEBOOK is a Traversable: it has a name, maybe no stem
 
 
-def _is_report_notebook(path: Path, source) -> bool:
+def _is_report_notebook(path: Path, source: NotebookNode) -> bool:
     """An executed copy `qin report` wrote: marked so in its metadata, or (written before the mark) with
     the same cells as the source notebook or as an earlier version of it (`EARLIER_NOTEBOOKS`)."""
     import nbformat
@@ -177,7 +181,7 @@ def _is_report_notebook(path: Path, source) -> bool:
     return hashlib.sha256(json.dumps(sources).encode()).hexdigest() in EARLIER_NOTEBOOKS
 
 
-def _check_executed_copy(path: Path, source) -> None:
+def _check_executed_copy(path: Path, source: NotebookNode) -> None:
     """Refuse to replace `<run>/error_analysis.ipynb` unless it is an executed copy qin wrote."""
     if path.is_symlink():
         raise QinError(f"{path}: is a symbolic link; `qin report` writes its executed notebook there and "
@@ -192,14 +196,14 @@ def _check_executed_copy(path: Path, source) -> None:
                        "Move it away and run again")
 
 
-def _figure_name(cell) -> str | None:
+def _figure_name(cell: NotebookNode) -> str | None:
     """<name> of a code cell tagged figure:<name> (the first such tag); None for any other cell."""
     tags = cell.get("metadata", {}).get("tags", [])
     names = [t[len(FIGURE_TAG):] for t in tags if t.startswith(FIGURE_TAG)]
     return names[0] if cell.cell_type == "code" and names else None
 
 
-def _figure_names(nb) -> set[str]:
+def _figure_names(nb: NotebookNode) -> set[str]:
     return {name for cell in nb.cells if (name := _figure_name(cell)) is not None}
 
 
@@ -258,7 +262,7 @@ def _check_writable(folder: Path) -> None:
                        path=folder) from error
 
 
-def _figure_images(nb) -> list[tuple[str, bytes]]:
+def _figure_images(nb: NotebookNode) -> list[tuple[str, bytes]]:
     """(file name, PNG bytes) for each image of each cell tagged figure:<name>."""
     images = []
     for cell in nb.cells:
@@ -271,7 +275,7 @@ def _figure_images(nb) -> list[tuple[str, bytes]]:
     return images
 
 
-def _write_figures(nb, folder: Path) -> list[Path]:
+def _write_figures(nb: NotebookNode, folder: Path) -> list[Path]:
     """Write the figures to a fresh folder next to `folder`, then swap it in (no stale PNGs survive).
 
     `folder` was checked to hold only figures of this report (`_check_figures_folder`). On any failure,

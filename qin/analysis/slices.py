@@ -7,6 +7,7 @@ columns (tags) put a row in every slice of its list, other columns give one slic
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import numpy as np
 import polars as pl
@@ -65,6 +66,11 @@ def _baselines(frame: pl.DataFrame, probability: bool | None = None) -> list[str
     return [c for c, is_p in BASELINE_COLUMNS.items() if c in frame.columns and probability in (None, is_p)]
 
 
+def mean_of(series: pl.Series) -> float:
+    """A numeric series' mean (polars types `Series.mean()` as any Python literal, whatever the dtype)."""
+    return float(cast(float, series.mean()))
+
+
 def slice_auc(frame: pl.DataFrame, by: str, buckets: Sequence[float] | None = None, top: int | None = None,
               score: str = "prediction") -> pl.DataFrame:
     """AUC of `score` within each slice of column `by`.
@@ -88,7 +94,7 @@ def slice_auc(frame: pl.DataFrame, by: str, buckets: Sequence[float] | None = No
     for _, name, part in slice_parts(frame, by, buckets, top):
         labels = part["label"].to_numpy()
         record = {"slice": name, "rows": part.height, "positives": int(labels.sum()),
-                  "label_rate": float(labels.mean()), "mean_prediction": float(part[score].mean()),
+                  "label_rate": float(labels.mean()), "mean_prediction": mean_of(part[score]),
                   "auc": auc(labels, part[score].to_numpy())}
         records.append(record | {out: auc(labels, part[c].to_numpy()) for out, c in extra.items()})
     schema = {"slice": pl.String, "rows": pl.Int64, "positives": pl.Int64, "label_rate": pl.Float64,
@@ -112,10 +118,10 @@ def slice_calibration(frame: pl.DataFrame, by: str, buckets: Sequence[float] | N
     for _, name, part in slice_parts(frame, by, buckets, top):
         labels = part["label"].to_numpy()
         record = {"slice": name, "rows": part.height, "clicks": int(labels.sum()),
-                  "label_rate": float(labels.mean()), "mean_prediction": float(part[score].mean()),
+                  "label_rate": float(labels.mean()), "mean_prediction": mean_of(part[score]),
                   "calibration_ratio": calibration_ratio(labels, part[score].to_numpy())}
         if "p_true" in part.columns:
-            record["mean_p_true"] = float(part["p_true"].mean())
+            record["mean_p_true"] = mean_of(part["p_true"])
         records.append(record | {out: calibration_ratio(labels, part[c].to_numpy())
                                  for out, c in extra.items()})
     schema = {"slice": pl.String, "rows": pl.Int64, "clicks": pl.Int64, "label_rate": pl.Float64,
@@ -128,7 +134,7 @@ def standard_slices(frame: pl.DataFrame, top_tags: int = 12,
                     table: SliceTable = slice_auc) -> dict[str, pl.DataFrame]:
     """The slices the notebook shows (history length, item popularity, cold items, repeats, levels, tags),
     each as `table(frame, column, buckets, top)`: `slice_auc` (default) or `slice_calibration`."""
-    max_history = int(frame["history_len"].max() or 0)
+    max_history = int(cast(int, frame["history_len"].max() or 0))  # polars types max() as any literal
     history_edges = [e for e in HISTORY_BUCKETS if e <= max_history] or [0]
     return {
         "history length": table(frame, "history_len", history_edges),

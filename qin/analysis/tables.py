@@ -63,11 +63,11 @@ def overall_metrics(frame: pl.DataFrame) -> pl.DataFrame:
     scores = {name: frame[columns[name]].cast(pl.Float64).to_numpy() for name in names
               if columns[name] in frame.columns}
 
-    def row(fn: Callable[[np.ndarray], float], probabilities_only: bool = True) -> list[float | None]:
+    def row(fn: Callable[[np.ndarray], float | None], probabilities_only: bool = True) -> list[float | None]:
         return [fn(scores[name]) if name in scores and (probability[name] or not probabilities_only) else None
                 for name in names]
 
-    def per_user(s: np.ndarray) -> float:
+    def per_user(s: np.ndarray) -> float | None:
         return gauc(labels, s, users) if users is not None else None
 
     rows = [

@@ -140,10 +140,10 @@ def encode_texts(folder: Path, texts: list[str | None], batch_size: int, progres
                 hidden = model(**batch).last_hidden_state  # (b, T, D_t)
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (b, T, 1)
                 vec = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # (b, D_t)
-            vec = vec.float().cpu().numpy()
+            rows = vec.float().cpu().numpy()
             if out is None:
-                out = np.zeros((len(texts), vec.shape[1]), dtype=np.float32)
-            out[idx] = vec
+                out = np.zeros((len(texts), rows.shape[1]), dtype=np.float32)
+            out[idx] = rows
             bar.advance(task, idx.size)
     if out is None:  # no title at all: learn the width from the config
         out = np.zeros((len(texts), int(getattr(model.config, "projection_dim", None) or config.hidden_size)),
@@ -199,10 +199,10 @@ def encode_images(folder: Path, paths: list[Path], batch_size: int, progress: bo
                     output = model(pixel_values=pixels)
                     pooled = getattr(output, "pooler_output", None)
                     vec = (pooled if pooled is not None else output.last_hidden_state.mean(1)).flatten(1)
-                vec = vec.float().cpu().numpy()
+                rows = vec.float().cpu().numpy()
                 if out is None:
-                    out = np.zeros((len(paths), vec.shape[1]), dtype=np.float32)
-                out[idx] = vec
+                    out = np.zeros((len(paths), rows.shape[1]), dtype=np.float32)
+                out[idx] = rows
             bar.advance(task, len(images))
     if out is None:
         example = paths[0] if paths else "-"

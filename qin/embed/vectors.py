@@ -8,6 +8,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import faiss
 import numpy as np
@@ -173,5 +174,7 @@ def fuse(parts: Sequence[tuple[np.ndarray, float]], fusion: Fusion = Fusion.conc
         widths = {v.shape[1] for v, _ in parts}
         if len(widths) != 1:
             raise QinError(f"fusion 'mean' needs modalities of one width, got {sorted(widths)}; use 'concat'")
-        return (sum(np.float32(w) * v for v, w in parts) / np.float32(weights.sum())).astype(np.float32)
+        # sum() is typed to maybe return its start 0; `parts` is non-empty (checked above), so it is an array.
+        total = cast(np.ndarray, sum(np.float32(w) * v for v, w in parts))
+        return (total / np.float32(weights.sum())).astype(np.float32)
     raise QinError(f"unknown fusion {fusion!r}")

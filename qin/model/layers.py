@@ -179,7 +179,7 @@ class FeatureEmbedding(nn.Module):
             return level.masked_fill(level == LEVEL_SHIFT, 0)
         return level
 
-    def regularized_parameters(self) -> list[nn.Parameter]:
+    def regularized_parameters(self) -> list[torch.Tensor]:
         """What the embedding L2 covers: all four tables and W_mm (docs/model.md section 2.5)."""
         return [self.likes.weight, self.views.weight, self.items.item_id.weight,
                 self.items.item_tags.weight, self.items.mm_proj.weight]
@@ -225,7 +225,7 @@ class CTRModel(nn.Module, metaclass=abc.ABCMeta):
         logits = self(batch)
         return binary_cross_entropy(logits, batch_labels(batch), self.cfg.bce), logits
 
-    def embedding_parameters(self) -> list[nn.Parameter]:
+    def embedding_parameters(self) -> list[torch.Tensor]:
         return self.embedding.regularized_parameters()
 
     def embedding_l2(self, batch: Batch | None) -> torch.Tensor:

@@ -143,9 +143,10 @@ _SYLL = ("ka", "lo", "mi", "ren", "to", "va", "shi", "zu", "ne", "por", "qui", "
          "xan")
 
 
-def _topic_words(k: int) -> tuple[list[str], list[str]]:
+def _topic_words(k: int) -> tuple[list[list[str]], list[str]]:
     """(topic words, hashtag) per topic: the theme's first 7 words + 2 made-up words; hashtag = 8th word."""
-    words, tags = [], []
+    words: list[list[str]] = []
+    tags: list[str] = []
     for t in range(k):
         theme = _THEMES[t % len(_THEMES)]
         a, b = divmod(t * 7 + 3, len(_SYLL))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import zlib
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -136,7 +137,8 @@ def params_with(assignments: list[str], base: SynthParams = DEFAULT_PARAMS) -> S
             raise QinError(f"generator parameter {assignment!r}: expected NAME=VALUE with NAME an int, float "
                            "or str field of SynthParams")
         try:
-            params = replace(params, **{name: type(default)(value)})
+            change: dict[str, Any] = {name: type(default)(value)}  # checked: a scalar field of SynthParams
+            params = replace(params, **change)
         except ValueError:
             raise QinError(f"generator parameter {assignment!r}: {value!r} is not a "
                            f"{type(default).__name__}") from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -121,10 +122,10 @@ def write_items(folder: Path, items: Items, titles: pa.Array, txt: np.ndarray, i
                     _list_array(img[sl].ravel(), IMG_DIM, pa.float32())]
             writer.write_table(pa.Table.from_arrays(cols, schema=schema))
 
-    cols = {"item_id": ids[1:]}
+    emb_cols: dict[str, Any] = {"item_id": ids[1:]}
     for name, arr in zip(EMB_VARIANTS, variants, strict=True):
-        cols[name] = _list_array(arr.ravel(), EMB_DIM, pa.float32())
-    pq.write_table(pa.table(cols), folder / "item_emb.parquet", compression="zstd")
+        emb_cols[name] = _list_array(arr.ravel(), EMB_DIM, pa.float32())
+    pq.write_table(pa.table(emb_cols), folder / "item_emb.parquet", compression="zstd")
 
 
 def write_hidden(folder: Path, items: Items, p_valid: np.ndarray, p_test: np.ndarray,

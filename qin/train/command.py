@@ -107,4 +107,7 @@ def shared_run_dir(cfg: Config, dist: distributed.Context) -> Path:
 
     holder = [str(new_run_dir(Path(cfg.train.run_root), cfg.model.name.value)) if dist.is_main else None]
     torch_dist.broadcast_object_list(holder, src=0)
-    return Path(holder[0])
+    shared = holder[0]
+    if shared is None:  # broadcast_object_list gives every rank rank 0's entry, a path
+        raise QinError("rank 0 did not share the run folder")
+    return Path(shared)

@@ -13,7 +13,6 @@ Guards: a one-class split is refused before the first step; a step whose loss is
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -28,6 +27,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from qin import distributed
+from qin.batch import Batch
 from qin.config import Config, TrainConfig
 from qin.data import SplitTensors, item_tables_of, vocab_of
 from qin.errors import QinError
@@ -57,7 +57,7 @@ class Training:
     device: torch.device
     model: CTRModel
     optimizer: torch.optim.Optimizer
-    step_fn: Callable
+    step_fn: Callable[[Batch], torch.Tensor]
     train_split: SplitTensors
     valid_split: SplitTensors
     steps_per_epoch: int
@@ -132,8 +132,7 @@ def _set_up(cfg: Config, features: FeatureSet, run_dir: Path, console: Console) 
     if device.type == "cuda":
         # The whole split fits in GPU memory (3.6M x 64 int32 ids ~ 0.9 GB): batches become
         # on-device gathers with no host-to-device copy per step.
-        train_split = SplitTensors(**{k: None if v is None else v.to(device)
-                                      for k, v in dataclasses.asdict(train_split).items()})
+        train_split = train_split.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.learning_rate)
     step_fn = make_train_step(model, distributed.wrap(model, dist, device), optimizer, cfg, device)
     if train_cfg.compile and device.type == "cuda":
@@ -215,9 +214,9 @@ def evaluate(model: CTRModel, split: SplitTensors, device: torch.device, train_c
              dist: distributed.Context) -> dict[str, float]:
     """AUC and logloss over the WHOLE split: with several processes each scores a shard and the
     probabilities are gathered before the metric (an average of per-shard AUCs is not the AUC)."""
-    if split.label is None:
-        raise QinError("the validation split has no labels: cannot evaluate")
     shard = split.shard(dist.rank, dist.world_size) if dist.world_size > 1 else split
+    if split.label is None or shard.label is None:  # a shard has labels exactly when its split does
+        raise QinError("the validation split has no labels: cannot evaluate")
     probabilities = predict_probabilities(model, shard, train_cfg.eval_batch_size, device, train_cfg)
     labels = shard.label.double().numpy()
     if dist.world_size > 1:

@@ -13,7 +13,7 @@ import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -83,7 +83,9 @@ def save_best(run_dir: Path, model: CTRModel, cfg: Config, features: FeatureSet,
 def save_last(run_dir: Path, model: CTRModel, optimizer: torch.optim.Optimizer, cfg: Config,
               state: LoopState, features: FeatureSet) -> None:
     """last.pt: the whole training state, enough for `--resume` to continue bit for bit."""
-    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    # numpy's stubs type the no-argument call as a dict; it returns the legacy MT19937 state tuple.
+    name, keys, position, has_gauss, cached_gaussian = cast(tuple[str, np.ndarray, int, int, float],
+                                                            np.random.get_state())
     save_checkpoint(run_dir / "last.pt", {
         "config": cfg.to_dict(), "vocab": dataclasses.asdict(vocab_of(features)),
         "model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),

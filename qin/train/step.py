@@ -24,7 +24,7 @@ from qin.train.state import LoopState
 
 
 def make_train_step(model: CTRModel, train_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    cfg: Config, device: torch.device) -> Callable:
+                    cfg: Config, device: torch.device) -> Callable[[Batch], torch.Tensor]:
     """One optimizer step on a batch; returns the loss (data + regularisers) as a 0-dim tensor."""
     train_cfg = cfg.train
     embedding_ids = {id(p) for p in model.embedding_parameters()}
