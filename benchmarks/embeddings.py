@@ -31,9 +31,12 @@ from rich.console import Console
 
 from qin.config import Config
 from qin.embed import embed_from_content, embed_from_precomputed
-from qin.features.io import ITEM_EMB, load_features
-from qin.features.pipeline import build_features, feature_dir_for
-from qin.predict import evaluate_run, load_run
+from qin.evaluation import evaluate_run
+from qin.features.folder import feature_dir_for
+from qin.features.io import load_features
+from qin.features.pipeline import build_features
+from qin.features.raw import ITEM_EMB
+from qin.predict import load_run
 from qin.synth import SynthSize, synthesize
 from qin.train import fit
 

@@ -23,8 +23,9 @@ from rich.console import Console
 from suite import SUITE, WORK, draw
 
 from qin.config import Config
+from qin.features.folder import feature_dir_for
 from qin.features.io import load_features
-from qin.features.pipeline import build_features, feature_dir_for
+from qin.features.pipeline import build_features
 from qin.train import fit
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -29,9 +29,11 @@ import polars as pl
 from rich.console import Console
 
 from qin.config import Config, ModelName
+from qin.evaluation import evaluate_run
+from qin.features.folder import feature_dir_for
 from qin.features.io import load_features
-from qin.features.pipeline import build_features, feature_dir_for
-from qin.predict import evaluate_run, load_run
+from qin.features.pipeline import build_features
+from qin.predict import load_run
 from qin.synth import DEFAULT_PARAMS, SynthSize, params_with, synthesize
 from qin.train import fit
 

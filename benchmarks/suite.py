@@ -45,8 +45,9 @@ from rich.console import Console
 
 from qin.baselines import fit_ladder
 from qin.config import Config
+from qin.features.folder import feature_dir_for
 from qin.features.io import load_features
-from qin.features.pipeline import build_features, feature_dir_for
+from qin.features.pipeline import build_features
 from qin.metrics import auc, calibration_ratio, gauc, logloss, normalized_entropy
 from qin.predict import load_run, score_split
 from qin.synth import SynthSize, params_with, synthesize

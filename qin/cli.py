@@ -265,14 +265,8 @@ def predict(
     as_json: JsonOption = False,
 ) -> None:
     """Write the challenge submission (ID,Task2), validated; or per-row validation predictions."""
-    from qin.predict import (
-        check_frame_output,
-        load_run,
-        submission_paths,
-        validation_predictions,
-        write_frame,
-        write_submission,
-    )
+    from qin.predict import check_frame_output, load_run, validation_predictions, write_frame
+    from qin.submission import submission_paths, write_submission
 
     # Output paths are checked before the model is loaded: a refused --out costs no scoring time.
     if out is not None:
@@ -310,7 +304,8 @@ def evaluate(
     as_json: JsonOption = False,
 ) -> None:
     """AUC, GAUC, logloss, normalised entropy and calibration on valid (+ the oracle on generated data)."""
-    from qin.predict import evaluate_run, load_run
+    from qin.evaluation import evaluate_run
+    from qin.predict import load_run
 
     loaded = load_run(_run_dir_or_latest(run), feature_dir=features)
     _say_warnings(loaded)

@@ -18,10 +18,13 @@ from qin.errors import QinError
 
 
 def run_demo(size: str, cfg: Config, submission: Path, console: Console, seed: int = 0) -> dict[str, Any]:
+    from qin.evaluation import evaluate_run
+    from qin.features.folder import feature_dir_of
     from qin.features.io import load_features
-    from qin.features.pipeline import build_features, feature_dir_of
-    from qin.predict import evaluate_run, load_run, submission_paths, write_submission
+    from qin.features.pipeline import build_features
+    from qin.predict import load_run
     from qin.runs import new_run_dir
+    from qin.submission import submission_paths, write_submission
     from qin.synth import DEFAULT_PARAMS, SynthSize, synthesize
     from qin.train import fit
 

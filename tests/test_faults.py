@@ -27,11 +27,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from qin.checkpoints import DIGESTS, load_checkpoint
 from qin.cli import app
 from qin.config import Config
 from qin.errors import QinError
 from qin.features.io import load_features
-from qin.runs import DIGESTS, load_checkpoint
 from qin.train import check_loss, fit
 from tests.conftest import ROOT, tiny_config
 
@@ -421,7 +421,7 @@ def test_a_file_where_a_folder_should_be_is_one_line(run, tmp_path):
 
 
 def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_leaves_no_temp(run, tmp_path, monkeypatch):
-    import qin.runs as runs_module
+    import qin.files as files_module
 
     _, config, _ = run
     real_fsync = os.fsync
@@ -432,7 +432,7 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_leaves_no_temp(ru
             raise OSError(errno.ENOSPC, "No space left on device")
         real_fsync(fd)
 
-    monkeypatch.setattr(runs_module.os, "fsync", fsync_full_after_config)
+    monkeypatch.setattr(files_module.os, "fsync", fsync_full_after_config)
     run_dir = tmp_path / "full"
     message = one_error_line(invoke("train", "-c", str(config), "--run-dir", str(run_dir), "--no-progress"))
     assert "no space left on the device" in message and f"{run_dir}/" in message and ".tmp" not in message
@@ -693,7 +693,7 @@ def test_altered_labels_are_refused_before_training(tiny_data, tiny_features, tm
 
 
 def test_a_metrics_line_that_is_not_an_object_is_named(tmp_path):
-    from qin.runs import read_jsonl
+    from qin.files import read_jsonl
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1}\n42\n{"step": 2}\n')

@@ -20,7 +20,7 @@ from qin.config import DataConfig
 from qin.errors import QinError
 from qin.features import BuildResult, build_features, feature_dir_for, load_features
 from qin.features import pipeline as pipeline_module
-from qin.features.pipeline import feature_dir_of
+from qin.features.folder import feature_dir_of
 from qin.features.steps import left_pad, recent_nonzero
 
 N_ITEMS = 30  # V: item ids 0..29, 0 = padding
@@ -556,7 +556,7 @@ def test_rebuild_refuses_a_folder_holding_files_it_did_not_write(
     assert not build(raw, out).rebuilt
 
     with monkeypatch.context() as patch:
-        patch.setattr(pipeline_module, "_build", no_build)  # refused before any work
+        patch.setattr(pipeline_module, "write_folder", no_build)  # refused before any work
         for rebuild in (lambda: build(raw, out, force=True), lambda: build(raw, out, max_len=7)):
             with pytest.raises(QinError) as info:
                 rebuild()
@@ -682,7 +682,7 @@ def test_expected_sources_refuse_changed_inputs_before_any_work(
     _set("likes_level", 0, 9)(raw)
     if item_info:
         item_info_frame(seed=4).write_parquet(alt)
-    monkeypatch.setattr(pipeline_module, "_build", no_build)
+    monkeypatch.setattr(pipeline_module, "write_folder", no_build)
     with pytest.raises(QinError) as info:
         build(raw, out, item_info=override, expected_sources=sources)
     changed = "item_info.parquet, train.parquet differ" if item_info else "train.parquet differs"

@@ -24,7 +24,7 @@ from qin.errors import QinError
 from qin.features import feature_dir_for, load_features
 from qin.features import pipeline as pipeline_module
 from qin.features.io import open_array
-from qin.features.pipeline import TEMP_MARKER
+from qin.features.publish import TEMP_MARKER
 from qin.features.validate import raise_first_bad, split_checks
 from tests.test_features import build, leftovers, split_frame, write_raw
 
@@ -155,7 +155,7 @@ def test_a_user_folder_with_our_temp_name_refuses_the_build(
     out = tmp_path / "f"
     build(raw, out)
     taken = _thesis(tmp_path / f"f.{kind}-{os.getpid()}")
-    monkeypatch.setattr(pipeline_module, "_build", _raising(AssertionError("the build started")))
+    monkeypatch.setattr(pipeline_module, "write_folder", _raising(AssertionError("the build started")))
     with pytest.raises(QinError) as info:
         build(raw, out, force=True)
     assert str(info.value) == (
@@ -171,7 +171,7 @@ def test_the_build_marks_its_temp_and_old_folders(tmp_path: Path, monkeypatch: p
     out = tmp_path / "f"
     build(raw, out)
     seen: dict[str, bool] = {}
-    real_build, real_rmtree = pipeline_module._build, shutil.rmtree
+    real_build, real_rmtree = pipeline_module.write_folder, shutil.rmtree
 
     def spy_build(inputs: object, tmp: Path, *args: object) -> object:
         seen["tmp"] = (tmp / TEMP_MARKER).read_text() == f"{os.getpid()}\n"
@@ -181,7 +181,7 @@ def test_the_build_marks_its_temp_and_old_folders(tmp_path: Path, monkeypatch: p
         seen[Path(path).name] = (Path(path) / TEMP_MARKER).read_text() == f"{os.getpid()}\n"
         real_rmtree(path, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(pipeline_module, "_build", spy_build)
+    monkeypatch.setattr(pipeline_module, "write_folder", spy_build)
     monkeypatch.setattr(pipeline_module.shutil, "rmtree", spy_rmtree)
     (out / TEMP_MARKER).write_text("1\n")  # left by a build killed right after publishing: tolerated
     assert build(raw, out, force=True).rebuilt

@@ -24,14 +24,9 @@ from qin.model import (
     Vocab,
     build_model,
 )
-from qin.model.layers import (
-    Activation,
-    MeanPooling,
-    QNNAlphaLayer,
-    QuadraticLayer,
-    SoftmaxTargetAttention,
-    TargetAttention,
-)
+from qin.model.attention import MeanPooling, SoftmaxTargetAttention, TargetAttention
+from qin.model.mlp import Activation
+from qin.model.towers import QNNAlphaLayer, QuadraticLayer
 
 VOCAB = Vocab(items=40, tags=12, levels=11)
 ALL_MODELS = list(ModelName)

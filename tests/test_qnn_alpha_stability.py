@@ -23,7 +23,8 @@ from qin.config import Config, ModelConfig, ModelName
 from qin.data import SplitTensors, epoch_order, item_tables_of, iterate_batches, vocab_of
 from qin.features.io import load_features
 from qin.model import build_model
-from qin.model.layers import QNNAlphaTower, init_weights
+from qin.model.base import init_weights
+from qin.model.towers import QNNAlphaTower
 
 ROOT = Path(__file__).resolve().parent.parent
 FIELDS, FIELD_DIM = 8, 16  # z0's 8 fields (likes, views, 3 parts of v_t, 3 of p), scaled down from E = 128

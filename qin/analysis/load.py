@@ -16,7 +16,8 @@ import numpy as np
 import polars as pl
 
 from qin.errors import QinError
-from qin.predict import LoadedRun, check_truth_matches, load_run, read_truth, validation_predictions
+from qin.evaluation import check_truth_matches, read_truth
+from qin.predict import LoadedRun, load_run, validation_predictions
 
 DEFAULT_COLD_MAX = 5  # an item seen as a target at most this often in train counts as cold
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from qin.analysis.kernel import execute, notebook_client_class, this_python_kernel_manager
 from qin.errors import QinError, os_error
-from qin.runs import atomic_write_bytes, atomic_write_text, check_replaceable, folder_mode
+from qin.files import atomic_write_bytes, atomic_write_text, check_replaceable, folder_mode
 
 if TYPE_CHECKING:
     from nbformat import NotebookNode

@@ -18,8 +18,8 @@ import polars as pl
 from qin.analysis.baseline import BASELINE_COLUMNS
 from qin.analysis.load import AnalysisData
 from qin.errors import QinError
+from qin.files import read_jsonl
 from qin.metrics import auc, calibration_ratio, gauc, logloss, normalized_entropy
-from qin.runs import read_jsonl
 
 
 class ErrorKind(enum.StrEnum):

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from qin.runs import file_mode
+from qin.files import file_mode
 
 
 def temp_name_pattern(target: Path) -> re.Pattern[str]:

@@ -10,7 +10,7 @@ import polars as pl
 from qin.embed.tables import ITEM_TITLE, read_checked_parquet, read_item_info, vector_column
 from qin.embed.vectors import build_index, l2_normalise
 from qin.errors import QinError
-from qin.features.io import ITEM_EMB, ITEM_ID, ITEM_TAGS
+from qin.features.raw import ITEM_EMB, ITEM_ID, ITEM_TAGS
 
 
 def neighbors(item_table: Path, item_feature: Path | None, item_id: int, k: int = 10) -> pl.DataFrame:

@@ -33,7 +33,7 @@ from qin.embed.tables import (
 )
 from qin.embed.vectors import Fusion, as_fusion, check_pca_dim, fuse, pca_reduce
 from qin.errors import QinError
-from qin.features.io import ITEM_ID, sha256_file
+from qin.features.raw import ITEM_ID, sha256_file
 
 
 @dataclass(frozen=True)

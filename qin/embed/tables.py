@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 
 from qin.embed.atomic import atomic_write
 from qin.errors import QinError, os_error
-from qin.features.io import ITEM_EMB, ITEM_ID, ITEM_TAGS
+from qin.features.raw import ITEM_EMB, ITEM_ID, ITEM_TAGS
 
 ITEM_TITLE = "item_title"
 TXT_EMB = "txt_emb_BERT"  # (768,) frozen BERT vector per item, item_feature.parquet

@@ -1,6 +1,6 @@
 """Pure feature steps: polars expression builders and two small vectorised numpy steps.
 
-Nothing here reads or writes files or keeps state; `pipeline.py` composes these over row chunks.
+Nothing here reads or writes files or keeps state; `write.py` composes these over row chunks.
 
 Notation: N rows in a chunk, S stored history length of the input (any S, left- or right-padded),
 L = max_len kept history items, V items, T tags per item, D multimodal embedding width.
@@ -12,7 +12,7 @@ import numpy as np
 import polars as pl
 
 from qin.batch import LEVEL_SHIFT
-from qin.features.io import ID, ITEM_ID, ITEM_SEQ, LABEL, LIKES_LEVEL, USER_ID, VIEWS_LEVEL
+from qin.features.raw import ID, ITEM_ID, ITEM_SEQ, LABEL, LIKES_LEVEL, USER_ID, VIEWS_LEVEL
 
 # Levels 0..9 are real values and the model's embedding uses padding_idx=0, so they are shifted by
 # LEVEL_SHIFT (qin.batch): encoded 1..10, vocab 11 (0 = padding, never produced here).

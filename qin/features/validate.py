@@ -2,7 +2,7 @@
 
 Row checks are polars expressions that are True on a bad row. `raise_first_bad` evaluates all of
 them in one pass as ``min(row index where bad)`` reductions, so it runs on an in-memory chunk or
-on a streaming LazyFrame alike; the pipeline calls it on each row chunk it reads anyway, which keeps
+on a streaming LazyFrame alike; `write.py` calls it on each row chunk it reads anyway, which keeps
 validation of the 3.6M-row train split bounded in memory without decoding the file twice.
 Row numbers in messages are 0-based row indices in the named file.
 """
@@ -18,7 +18,7 @@ import numpy as np
 import polars as pl
 
 from qin.errors import QinError
-from qin.features.io import (
+from qin.features.raw import (
     ID,
     ITEM_EMB,
     ITEM_ID,

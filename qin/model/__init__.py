@@ -1,11 +1,11 @@
-"""Models: `build_model(cfg, vocab, items)` -> a `CTRModel` (logits out; see layers.CTRModel)."""
+"""Models: `build_model(cfg, vocab, items)` -> a `CTRModel` (logits out; see base.CTRModel)."""
 
 from __future__ import annotations
 
 from qin.batch import ItemTables, Vocab
 from qin.config import ModelConfig, ModelName
+from qin.model.base import CTRModel
 from qin.model.din import DIN
-from qin.model.layers import CTRModel
 from qin.model.qin import QIN, QINMLP, MeanPoolMLP, QINNoASTA, QINNoPReLU, QINSoftmax
 from qin.model.qin_plus import QINPlus
 from qin.model.qnn_alpha import QNNAlpha

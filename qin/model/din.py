@@ -3,7 +3,7 @@ section 7).
 
     embeddings -> item vectors -> DIN attention pooling -> [likes ‖ views ‖ v_t ‖ pooled] -> DNN -> logit
 
-Notation (see qin/model/layers.py): B batch, L history slots, U unique items, d_e field width (64 in
+Notation (see qin/model/base.py): B batch, L history slots, U unique items, d_e field width (64 in
 DIN_default), M multimodal width (128), d_i = 2 d_e + M item vector width (256: the challenge's dataset
 config gives the multimodal feature its own embedding_dim 128, so W_mm is M x M here, not M x d_e).
 """
@@ -15,7 +15,10 @@ import torch.nn.functional as F
 
 from qin.batch import Batch, ItemTables, Vocab
 from qin.config import ModelConfig
-from qin.model.layers import MLP, Activation, CTRModel, DINAttention, FeatureEmbedding, init_weights
+from qin.model.attention import DINAttention
+from qin.model.base import CTRModel, init_weights
+from qin.model.embedding import FeatureEmbedding
+from qin.model.mlp import MLP, Activation
 
 
 class DIN(CTRModel):

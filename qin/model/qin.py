@@ -2,7 +2,7 @@
 
     embeddings -> item vectors (target + history) -> ASTA -> z0 = [likes ‖ views ‖ v_t ‖ p] -> tower -> logit
 
-Notation (see qin/model/layers.py): B batch, L history slots, U unique items in the batch, d_e field width,
+Notation (see qin/model/base.py): B batch, L history slots, U unique items in the batch, d_e field width,
 d_i = 3 d_e item vector width, A attention width (2 d_i by default), D = 2 d_e + 2 d_i tower width (1024),
 R rows per quadratic layer.
 
@@ -20,18 +20,11 @@ from torch import nn
 
 from qin.batch import Batch, ItemTables, Vocab
 from qin.config import ModelConfig
-from qin.model.layers import (
-    MLP,
-    Activation,
-    CTRModel,
-    FeatureEmbedding,
-    HistoryPooling,
-    MeanPooling,
-    QuadraticTower,
-    SoftmaxTargetAttention,
-    TargetAttention,
-    init_weights,
-)
+from qin.model.attention import HistoryPooling, MeanPooling, SoftmaxTargetAttention, TargetAttention
+from qin.model.base import CTRModel, init_weights
+from qin.model.embedding import FeatureEmbedding
+from qin.model.mlp import MLP, Activation
+from qin.model.towers import QuadraticTower
 
 
 class QIN(CTRModel):

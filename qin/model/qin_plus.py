@@ -18,7 +18,7 @@ Why each change (measured in the README's quality suite; the published QIN stays
 - Two towers: the quadratic one for explicit crosses, the MLP for the rest (the MLP tower was ahead of
   the quadratic one on most data sets; their sum keeps both).
 
-Notation (see qin/model/layers.py): B batch, L history slots, U unique items, T tags per item, M width of
+Notation (see qin/model/base.py): B batch, L history slots, U unique items, T tags per item, M width of
 the frozen multimodal vector, d_i = 3 d_e item vector width, S = SIMILARITIES scalar features.
 """
 
@@ -30,16 +30,11 @@ from torch import nn
 
 from qin.batch import Batch, ItemTables, Vocab
 from qin.config import ModelConfig
-from qin.model.layers import (
-    MLP,
-    Activation,
-    CTRModel,
-    FeatureEmbedding,
-    MeanPooling,
-    QuadraticTower,
-    SoftmaxTargetAttention,
-    init_weights,
-)
+from qin.model.attention import MeanPooling, SoftmaxTargetAttention
+from qin.model.base import CTRModel, init_weights
+from qin.model.embedding import FeatureEmbedding
+from qin.model.mlp import MLP, Activation
+from qin.model.towers import QuadraticTower
 
 SIMILARITIES = 9  # S: the columns of HistorySimilarity's output
 TOP_K = 3

@@ -2,7 +2,7 @@
 
     embeddings -> item vectors -> ASTA -> z0 = [likes ‖ views ‖ v_t ‖ p] -> QNN-alpha tower -> logit
 
-Notation (see qin/model/layers.py): B batch, d_e field width, D = F d_e tower width with F = 8 fields of
+Notation (see qin/model/base.py): B batch, d_e field width, D = F d_e tower width with F = 8 fields of
 width d_e (likes, views, the 3 parts of v_t, the 3 parts of p), H heads, R rows.
 
 Everything before the tower is QIN's (this class inherits it); only the tower and the loss differ.
@@ -19,8 +19,9 @@ from torch import nn
 
 from qin.batch import Batch
 from qin.config import BCEForm
-from qin.model.layers import QNNAlphaTower, batch_labels, binary_cross_entropy
+from qin.model.base import batch_labels, binary_cross_entropy
 from qin.model.qin import QIN
+from qin.model.towers import QNNAlphaTower
 
 
 class QNNAlpha(QIN):

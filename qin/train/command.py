@@ -12,15 +12,16 @@ from pathlib import Path
 from rich.console import Console
 
 from qin import distributed
+from qin.checkpoints import load_checkpoint
 from qin.config import Config
 from qin.errors import QinError
+from qin.features.folder import feature_dir_of
 from qin.features.io import load_features
-from qin.features.pipeline import build_features_for, feature_dir_of
+from qin.features.pipeline import build_features_for
 from qin.packaged import config_path
 from qin.runs import (
     RunLock,
     is_run_dir,
-    load_checkpoint,
     new_run_dir,
     prepare_run_dir,
     remove_run_temp_files,

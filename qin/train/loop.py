@@ -28,13 +28,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 
 from qin import distributed
 from qin.batch import Batch
+from qin.checkpoints import load_checkpoint
 from qin.config import Config, TrainConfig
 from qin.data import SplitTensors, item_tables_of, vocab_of
 from qin.errors import QinError
 from qin.features.io import FeatureSet
+from qin.files import append_jsonl, atomic_write_text, check_appendable, read_jsonl
 from qin.metrics import auc, logloss
 from qin.model import CTRModel, build_model
-from qin.runs import append_jsonl, atomic_write_text, check_appendable, load_checkpoint, read_jsonl
 from qin.runtime import load_weights, predict_probabilities, resolve_device, seed_everything
 from qin.train.state import FitResult, LoopState, restore, save_best, save_last, summary, trim_metrics
 from qin.train.step import (

@@ -18,12 +18,14 @@ from typing import Any, cast
 import numpy as np
 import torch
 
+from qin.checkpoints import load_checkpoint, save_checkpoint
 from qin.config import Config, comparable
 from qin.data import vocab_of
 from qin.errors import QinError
 from qin.features.io import FeatureSet
+from qin.files import atomic_write_text, read_jsonl
 from qin.model import CTRModel
-from qin.runs import atomic_write_text, git_commit, load_checkpoint, read_jsonl, save_checkpoint
+from qin.runs import git_commit
 from qin.runtime import load_weights
 
 # Settings that change how fast or where a run goes, never what it computes: a resume may change them.
