@@ -78,13 +78,21 @@ def glob_escape(text: str) -> str:
 
 
 def process_alive(pid: int) -> bool:
-    """Whether a process with this pid exists (signal 0 sends nothing)."""
+    """Whether a process with this pid exists (signal 0 sends nothing; it only checks).
+
+    The one test every clean-up of a killed writer's leftovers uses: a file or folder named after a live
+    pid belongs to a writer still at work and is never touched.
+    """
+    if pid <= 0:
+        return True  # 0 and negatives address process groups: never take them for a dead writer
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by another user
         return True
+    except (OverflowError, ValueError):  # not a pid this system can have: no such process
+        return False
     return True
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from qin.errors import QinError
+from qin.files import process_alive
 
 DATA_SUBDIR = "MicroLens_1M_x1"
 HIDDEN_SUBDIR = "hidden"
@@ -255,17 +256,7 @@ def remove_stale_temp_dirs(out_dir: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def process_alive(pid: int) -> bool:
-    """Whether a process with this pid exists (signal 0 sends nothing; it only checks)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    except (OverflowError, ValueError):  # not a pid this system can have
-        return False
-    return True
+
 
 
 def install_outputs(tmp: Path, out_dir: Path, tool: str) -> None:

@@ -14,25 +14,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from qin.files import file_mode
+from qin.files import file_mode, process_alive
 
 
 def temp_name_pattern(target: Path) -> re.Pattern[str]:
     """Names of `atomic_write`'s temporaries for ``target``: ``.<name>.<pid>.<random>.tmp`` (group 1: pid)."""
     return re.compile(re.escape(f".{target.name}.") + r"([0-9]+)\.[a-z0-9_]+\.tmp")
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists (signal 0: nothing is sent). Unknown counts as alive."""
-    if pid <= 0:
-        return True  # 0 and negatives address process groups, not one process: never treat as dead
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, OSError):  # another user's process, or a pid out of range
-        return True
-    return True
 
 
 def remove_stale_temps(target: Path) -> list[Path]:
@@ -49,7 +36,7 @@ def remove_stale_temps(target: Path) -> list[Path]:
         return removed
     for entry in entries:
         match = pattern.fullmatch(entry.name)
-        if match is None or pid_alive(int(match.group(1))):
+        if match is None or process_alive(int(match.group(1))):
             continue
         try:
             if entry.is_file() and not entry.is_symlink():

@@ -17,6 +17,7 @@ from pathlib import Path
 from qin.errors import QinError, os_error
 from qin.features.io import MANIFEST, SPLITS
 from qin.features.raw import ID, ITEM_ID, LABEL, LIKES_LEVEL, USER_ID, VIEWS_LEVEL
+from qin.files import process_alive
 
 # What a build writes, and so all that a rebuild may delete: manifest.json, items/ with these files,
 # and a folder per split with (some of) these arrays.
@@ -57,7 +58,7 @@ def remove_stale(out_dir: Path) -> None:
         if kind not in ("tmp", "old") or not (pid.isascii() and pid.isdigit()):  # int("²") fails
             continue
         try:
-            if int(pid) != os.getpid() and _alive(int(pid)):
+            if int(pid) != os.getpid() and process_alive(int(pid)):
                 continue
             if path.is_symlink() or not path.is_dir():
                 continue
@@ -135,17 +136,6 @@ def temp_name(out_dir: Path) -> Path:
 def _old_name(out_dir: Path) -> Path:
     """Where `publish` renames an older build aside: ``<out_dir>.old-<pid>``."""
     return out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
-
-
-def _alive(pid: int) -> bool:
-    """Whether a process with this pid exists."""
-    try:
-        os.kill(pid, 0)  # signal 0: an existence check, sends nothing
-    except (ProcessLookupError, OverflowError):  # OverflowError: a pid no process can have
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    return True
 
 
 def check_replaceable(out_dir: Path) -> None:
