@@ -202,42 +202,48 @@ def lift(value: float, oracle: float) -> float:
     return (value - 0.5) / (oracle - 0.5)
 
 
+def stored_results() -> list[tuple[Any, str, dict[str, Any]]]:
+    """(data set, size, stored result) for every data set and size that has a result file, in suite order."""
+    found = []
+    for dataset in SUITE:
+        for size in SIZES:
+            path = RESULTS / f"{dataset.name}_{size}.json"
+            if path.is_file():
+                found.append((dataset, size, json.loads(path.read_text())))
+    return found
+
+
 def auc_table() -> str:
     """Markdown table from every stored result: test AUC (mean over seeds, with spread), the strongest model
     of each row with its lift and margin over the best logistic regression, and its logloss."""
     lines = ["| data set | size | oracle | popularity | LR 2 | LR 2 + levels | " + " | ".join(MODELS)
              + " | strongest: lift | − LR 2+lv | logloss / base rate |",
              "|---|---|---|---|---|---|" + "---|" * len(MODELS) + "---|---|---|"]
-    for dataset in SUITE:
-        for size in SIZES:
-            path = RESULTS / f"{dataset.name}_{size}.json"
-            if not path.is_file():
+    for dataset, size, record in stored_results():
+        oracle = record["oracle_test_auc"]
+        ladder = {b["name"]: b["test_auc"] for b in record["baselines"]}
+        cells = [dataset.name, size, f"{oracle:.4f}", f"{ladder['popularity']:.4f}",
+                 f"{ladder['lr_2']:.4f}", f"{ladder['lr_2_levels']:.4f}"]
+        means = {}
+        for model in MODELS:
+            runs = [r for r in record["runs"] if r["model"] == model]
+            if not runs:
+                cells.append("")
                 continue
-            record = json.loads(path.read_text())
-            oracle = record["oracle_test_auc"]
-            ladder = {b["name"]: b["test_auc"] for b in record["baselines"]}
-            cells = [dataset.name, size, f"{oracle:.4f}", f"{ladder['popularity']:.4f}",
-                     f"{ladder['lr_2']:.4f}", f"{ladder['lr_2_levels']:.4f}"]
-            means = {}
-            for model in MODELS:
-                runs = [r for r in record["runs"] if r["model"] == model]
-                if not runs:
-                    cells.append("")
-                    continue
-                aucs = [r["test_auc"] for r in runs]
-                means[model] = statistics.mean(aucs)
-                spread = f" ±{(max(aucs) - min(aucs)) / 2:.4f} ({len(aucs)})" if len(aucs) > 1 else ""
-                cells.append(f"{means[model]:.4f}{spread}")
-            if means:
-                top = max(means, key=means.__getitem__)
-                cells[6 + MODELS.index(top)] = f"**{cells[6 + MODELS.index(top)]}**"
-                logloss_mean = statistics.mean(r["test_logloss"] for r in record["runs"] if r["model"] == top)
-                cells += [f"`{top}` {100 * lift(means[top], oracle):.1f}%",
-                          f"{means[top] - max(ladder['lr_2'], ladder['lr_2_levels']):+.4f}",
-                          f"{logloss_mean:.4f} / {record['base_rate_test_logloss']:.4f}"]
-            else:
-                cells += ["", "", ""]
-            lines.append("| " + " | ".join(cells) + " |")
+            aucs = [r["test_auc"] for r in runs]
+            means[model] = statistics.mean(aucs)
+            spread = f" ±{(max(aucs) - min(aucs)) / 2:.4f} ({len(aucs)})" if len(aucs) > 1 else ""
+            cells.append(f"{means[model]:.4f}{spread}")
+        if means:
+            top = max(means, key=means.__getitem__)
+            cells[6 + MODELS.index(top)] = f"**{cells[6 + MODELS.index(top)]}**"
+            logloss_mean = statistics.mean(r["test_logloss"] for r in record["runs"] if r["model"] == top)
+            cells += [f"`{top}` {100 * lift(means[top], oracle):.1f}%",
+                      f"{means[top] - max(ladder['lr_2'], ladder['lr_2_levels']):+.4f}",
+                      f"{logloss_mean:.4f} / {record['base_rate_test_logloss']:.4f}"]
+        else:
+            cells += ["", "", ""]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -254,30 +260,25 @@ def gauc_ne_table() -> str:
     where a result predates these metrics."""
     lines = ["| data set | size | oracle GAUC · NE | " + " | ".join(MODELS) + " |",
              "|---|---|---|" + "---|" * len(MODELS)]
-    for dataset in SUITE:
-        for size in SIZES:
-            path = RESULTS / f"{dataset.name}_{size}.json"
-            if not path.is_file():
+    for dataset, size, record in stored_results():
+        oracle = [record.get(k) for k in ("oracle_test_gauc", "oracle_test_ne")]
+        cells = [dataset.name, size, " · ".join(f"{v:.4f}" for v in oracle) if None not in oracle else ""]
+        gaucs: dict[int, float] = {}
+        for model in MODELS:
+            runs = [r for r in record["runs"] if r["model"] == model]
+            measured = _mean(runs, "test_gauc")
+            if measured is None:
+                cells.append("")
                 continue
-            record = json.loads(path.read_text())
-            oracle = [record.get(k) for k in ("oracle_test_gauc", "oracle_test_ne")]
-            cells = [dataset.name, size, " · ".join(f"{v:.4f}" for v in oracle) if None not in oracle else ""]
-            gaucs: dict[int, float] = {}
-            for model in MODELS:
-                runs = [r for r in record["runs"] if r["model"] == model]
-                measured = _mean(runs, "test_gauc")
-                if measured is None:
-                    cells.append("")
-                    continue
-                gaucs[len(cells)] = measured[0]
-                ne, calibration = _mean(runs, "test_ne"), _mean(runs, "test_calibration")
-                parts = [f"{measured[0]:.4f}", f"{ne[0]:.4f}" if ne else "–",
-                         f"{calibration[0]:.3f}" if calibration else "–"]
-                cells.append(" · ".join(parts) + (f" ({measured[1]})" if measured[1] > 1 else ""))
-            if gaucs:
-                best = max(gaucs, key=gaucs.__getitem__)
-                cells[best] = f"**{cells[best]}**"
-            lines.append("| " + " | ".join(cells) + " |")
+            gaucs[len(cells)] = measured[0]
+            ne, calibration = _mean(runs, "test_ne"), _mean(runs, "test_calibration")
+            parts = [f"{measured[0]:.4f}", f"{ne[0]:.4f}" if ne else "–",
+                     f"{calibration[0]:.3f}" if calibration else "–"]
+            cells.append(" · ".join(parts) + (f" ({measured[1]})" if measured[1] > 1 else ""))
+        if gaucs:
+            best = max(gaucs, key=gaucs.__getitem__)
+            cells[best] = f"**{cells[best]}**"
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

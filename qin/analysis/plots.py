@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
@@ -46,16 +46,27 @@ def plot_slice_auc(slices: Mapping[str, pl.DataFrame], overall_auc: float | None
         if overall_auc is not None:
             ax.axhline(overall_auc, color="tab:red", linestyle="--", linewidth=1, label="all rows")
         ax.set_ylim(max(0.0, min(lows) - 0.05), 1.0)
-        ax.set_xticks(x, [f"{s}\n{n}" for s, n in zip(table["slice"], table["rows"], strict=True)],
-                      fontsize=7, rotation=0 if table.height <= 8 else 45)
-        ax.set_title(title, fontsize=10)
-        ax.set_ylabel("AUC")
-    for ax in axes[len(slices):]:
-        ax.set_visible(False)
-    if len(slices):
-        axes[0].legend(fontsize=7, loc="lower left")
-    fig.suptitle("AUC by slice (label, then rows)", fontsize=11)
+        _label_slice_axis(ax, table, title, "AUC")
+    _finish_slice_grid(fig, axes, len(slices), "lower left", "AUC by slice (label, then rows)")
     return fig
+
+
+def _label_slice_axis(ax: Any, table: pl.DataFrame, title: str, ylabel: str) -> None:
+    """One slice panel's x tick labels ("slice\nrows"), title and y label."""
+    x = np.arange(table.height)
+    ax.set_xticks(x, [f"{s}\n{n}" for s, n in zip(table["slice"], table["rows"], strict=True)],
+                  fontsize=7, rotation=0 if table.height <= 8 else 45)
+    ax.set_title(title, fontsize=10)
+    ax.set_ylabel(ylabel)
+
+
+def _finish_slice_grid(fig: Figure, axes: Any, used: int, legend_loc: str, title: str) -> None:
+    """Hide the grid's unused panels, put the legend on the first and the title on the figure."""
+    for ax in axes[used:]:
+        ax.set_visible(False)
+    if used:
+        axes[0].legend(fontsize=7, loc=legend_loc)
+    fig.suptitle(title, fontsize=11)
 
 
 def plot_calibration(table: pl.DataFrame, title: str = "Reliability diagram") -> Figure:
@@ -190,15 +201,9 @@ def plot_slice_calibration(slices: Mapping[str, pl.DataFrame], columns: int = 3)
                 ax.scatter(x, table[column].to_numpy(), marker=marker, s=300 if marker == "_" else 40,
                            color=color, zorder=3, label=name)
         ax.axhline(1.0, color="grey", linestyle=":", linewidth=1)
-        ax.set_xticks(x, [f"{s}\n{n}" for s, n in zip(table["slice"], table["rows"], strict=True)],
-                      fontsize=7, rotation=0 if table.height <= 8 else 45)
-        ax.set_title(title, fontsize=10)
-        ax.set_ylabel("predicted / observed clicks")
-    for ax in axes[len(slices):]:
-        ax.set_visible(False)
-    if len(slices):
-        axes[0].legend(fontsize=7, loc="best")
-    fig.suptitle("Calibration ratio by slice (label, then rows; red: over-predicts)", fontsize=11)
+        _label_slice_axis(ax, table, title, "predicted / observed clicks")
+    _finish_slice_grid(fig, axes, len(slices), "best",
+                       "Calibration ratio by slice (label, then rows; red: over-predicts)")
     return fig
 
 
