@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from qin.batch import LEVEL_SHIFT, Batch, ItemTables
-from qin.config import BCEForm, LevelZero, ModelConfig, ModelName
+from qin.config import BCEForm, LevelZero, ModelConfig, ModelName, TransformerMask
 from qin.model import (
     DIN,
     QIN,
@@ -22,6 +22,7 @@ from qin.model import (
     QINPlus,
     QINSoftmax,
     QNNAlpha,
+    TransformerDCN,
     Vocab,
     build_model,
 )
@@ -31,7 +32,7 @@ from qin.model.towers import QNNAlphaLayer, QuadraticLayer
 
 VOCAB = Vocab(items=40, tags=12, levels=11)
 ALL_MODELS = list(ModelName)
-CROSS_MODELS = {ModelName.dcnv2}  # DCNv2 heads: see test_overfits_one_batch
+CROSS_MODELS = {ModelName.dcnv2, ModelName.transformer_dcn}  # DCNv2 heads: see test_overfits_one_batch
 ATTENTION_MODELS = [ModelName.qin, ModelName.qin_softmax, ModelName.qnn_alpha, ModelName.din]
 
 
@@ -110,7 +111,7 @@ def test_build_model_covers_every_name() -> None:
     expected = {ModelName.qin: QIN, ModelName.qin_softmax: QINSoftmax, ModelName.qin_no_asta: QINNoASTA,
                 ModelName.qin_mlp: QINMLP, ModelName.qin_no_prelu: QINNoPReLU, ModelName.qnn_alpha: QNNAlpha,
                 ModelName.din: DIN, ModelName.mean_pool_mlp: MeanPoolMLP, ModelName.qin_plus: QINPlus,
-                ModelName.dcnv2: DCNv2}
+                ModelName.dcnv2: DCNv2, ModelName.transformer_dcn: TransformerDCN}
     assert set(expected) == set(ModelName)
     batch = make_batch()
     for name, cls in expected.items():
@@ -321,7 +322,7 @@ def test_attention_weights(name: ModelName) -> None:
     model = tiny_model(name).eval()
     batch = make_batch()
     weights = model.attention_weights(batch)
-    if name == ModelName.qin_no_asta:
+    if name in (ModelName.qin_no_asta, ModelName.transformer_dcn):  # no target-attention weights to show
         assert weights is None
         return
     assert weights.shape == batch.history.shape
@@ -561,12 +562,82 @@ def test_cross_network_v2_by_hand() -> None:
     assert cross(x0).tolist() == x2.tolist() == [[7.0, 171.0]]
 
 
-@pytest.mark.parametrize("name", [ModelName.dcnv2])
-def test_zoo_output_shape_and_finite_gradients(name: ModelName) -> None:
-    model = tiny_model(name).train()
+@pytest.mark.parametrize(("name", "changes"), [
+    (ModelName.dcnv2, {}),
+    (ModelName.transformer_dcn, {}),
+    (ModelName.transformer_dcn, {"transformer_mask": TransformerMask.as_published}),
+])
+def test_zoo_output_shape_and_finite_gradients(name: ModelName, changes: dict) -> None:
+    model = tiny_model(name, **changes).train()
     batch = make_batch()
     loss, logits = model.loss(batch)
     loss.backward()
     assert logits.shape == (batch.size,) and torch.isfinite(logits).all()
     for key, param in model.named_parameters():
         assert param.grad is not None and torch.isfinite(param.grad).all(), key
+
+
+def transformer_layer_count(width: int, ffn: int) -> int:
+    """torch's TransformerEncoderLayer: in_proj (3 W x W + 3 W), out_proj, FFN W -> F -> W, two LayerNorms."""
+    return 3 * width * width + 3 * width + width * width + width + width * ffn + ffn + ffn * width + width \
+        + 4 * width
+
+
+def test_transformer_dcn_parameter_count_by_hand() -> None:
+    d_e, k = 8, 16
+    d_i = 3 * d_e  # 24: QIN's item encoder
+    width = 2 * d_i  # 48: history item ‖ target
+    encoder = 2 * transformer_layer_count(width, 256)  # 2 layers, FFN 256
+    head_width = 2 * d_e + d_i + k * width + width  # X = 16 + 24 + 768 + 48 = 856
+    cross = 3 * (head_width * head_width + head_width)
+    dnn = mlp_count(head_width, [16, 8])
+    top = mlp_count(head_width + 8, [64, 32]) + 32 + 1
+    model = tiny_model(ModelName.transformer_dcn)
+    assert sum(p.numel() for p in model.parameters()) == (
+        tiny_embedding_count(d_e, d_e) + encoder + cross + dnn + top)
+
+
+def test_transformer_dcn_reference_parameter_count() -> None:
+    """configs/transformer_dcn.yaml's sizes (d_e = 64, so d_i = 192, W = 384, X = 6,848) on MicroLens."""
+    vocab = Vocab(91718, 11740, 11)
+    tags = torch.zeros(vocab.items, 5, dtype=torch.long)
+    items = ItemTables(tags=tags, mm_emb=torch.zeros(vocab.items, 128))
+    model = build_model(ModelConfig(name=ModelName.transformer_dcn, embedding_dim=64), vocab, items)
+    d_e, width, head_width = 64, 384, 128 + 192 + 16 * 384 + 384
+    embedding = 2 * 11 * d_e + 91718 * d_e + 11740 * d_e + 128 * d_e
+    expected = (embedding + 2 * transformer_layer_count(width, 256) + 3 * (head_width ** 2 + head_width)
+                + mlp_count(head_width, [1024, 512, 256]) + mlp_count(head_width + 256, [64, 32]) + 33)
+    assert sum(p.numel() for p in model.parameters()) == expected == 157_047_169
+
+
+@pytest.mark.parametrize("unique_items", [True, False])
+def test_transformer_dcn_masks(unique_items: bool) -> None:
+    """correct: padding content changes nothing. as_published: real slots attend to padding only, so the
+    padding content changes the logits, and no row (empty or full history) gives NaN."""
+    batch = make_batch()  # rows with empty, partial and full (10 of 10) histories
+    for mask in TransformerMask:
+        model = tiny_model(ModelName.transformer_dcn, unique_items=unique_items, transformer_mask=mask).eval()
+        before = model(batch)
+        assert torch.isfinite(before).all()
+        with torch.no_grad():
+            model.embedding.items.mm_emb[0] = torch.randn(model.embedding.items.mm_emb.shape[1]) * 10
+        after = model(batch)
+        if mask is TransformerMask.correct:
+            torch.testing.assert_close(after, before, rtol=0, atol=0)
+        else:
+            partial = (batch.history != 0).any(dim=-1) & (batch.history == 0).any(dim=-1)
+            assert not torch.allclose(after[partial], before[partial])
+
+
+def test_transformer_dcn_readout() -> None:
+    """Padded slots and an empty history read out as zeros; a history shorter than k is left-padded."""
+    model = tiny_model(ModelName.transformer_dcn).eval()
+    batch = make_batch()
+    x = model.encode(batch)  # (B, X)
+    width, k = 48, 16
+    recent = x[:, 16 + 24: 16 + 24 + k * width].view(batch.size, k, width)
+    pooled = x[:, -width:]
+    assert torch.all(recent[:, : k - 10] == 0)  # 10 slots < k = 16: six zero slots on the left
+    assert torch.all(recent[:, k - 10:][batch.history == 0] == 0)  # padded slots
+    empty = (batch.history == 0).all(dim=-1)  # rows 0 and 11
+    assert torch.all(pooled[empty] == 0) and pooled[~empty].abs().sum(dim=-1).min() > 0

@@ -10,9 +10,10 @@ from qin.model.din import DIN
 from qin.model.qin import QIN, QINMLP, MeanPoolMLP, QINNoASTA, QINNoPReLU, QINSoftmax
 from qin.model.qin_plus import QINPlus
 from qin.model.qnn_alpha import QNNAlpha
+from qin.model.transformer_dcn import TransformerDCN
 
 __all__ = ["MODELS", "CTRModel", "DCNv2", "DIN", "MeanPoolMLP", "QIN", "QINMLP", "QINNoASTA", "QINNoPReLU",
-           "QINPlus", "QINSoftmax", "QNNAlpha", "Vocab", "build_model"]
+           "QINPlus", "QINSoftmax", "QNNAlpha", "TransformerDCN", "Vocab", "build_model"]
 
 
 MODELS: dict[ModelName, type[CTRModel]] = {
@@ -26,6 +27,7 @@ MODELS: dict[ModelName, type[CTRModel]] = {
     ModelName.mean_pool_mlp: MeanPoolMLP,
     ModelName.qin_plus: QINPlus,
     ModelName.dcnv2: DCNv2,
+    ModelName.transformer_dcn: TransformerDCN,
 }
 
 
