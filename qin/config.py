@@ -52,6 +52,7 @@ class ModelName(str, enum.Enum):  # noqa: UP042 - the (str, Enum) form is the ag
     mean_pool_mlp = "mean_pool_mlp"  # baseline: mean of the history item vectors, then an MLP
     qin_plus = "qin_plus"  # softmax ASTA + history mean + similarity block, quadratic tower + MLP (best.yaml)
     dcnv2 = "dcnv2"  # ASTA (as QIN) + a DCNv2 tower: cross network v2 beside a DNN (FuxiCTR 'parallel')
+    din_sa = "din_sa"  # DIN with a self-attention (Transformer encoder) layer over the history first
     transformer_dcn = "transformer_dcn"  # 1st place: Transformer over [history ‖ target] + DCNv2
 
 
@@ -153,7 +154,7 @@ class ModelConfig(_Section):
         ModelName.qin,
         description="The model to build: qin (the published QIN) | qin_softmax, qin_no_asta, qin_mlp, "
                     "qin_no_prelu (ablations) | qnn_alpha | din (the organisers' baseline) | mean_pool_mlp | "
-                    "qin_plus | dcnv2 | transformer_dcn.")
+                    "qin_plus | dcnv2 | transformer_dcn | din_sa.")
     embedding_dim: StrictInt = Field(
         128, ge=1, description="Every field's embedding width; an item vector is 3x this (id, tags, "
                                "multimodal).")

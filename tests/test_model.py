@@ -13,6 +13,7 @@ from qin.batch import LEVEL_SHIFT, Batch, ItemTables
 from qin.config import BCEForm, LevelZero, ModelConfig, ModelName, TransformerMask
 from qin.model import (
     DIN,
+    DINSA,
     QIN,
     QINMLP,
     DCNv2,
@@ -33,7 +34,8 @@ from qin.model.towers import QNNAlphaLayer, QuadraticLayer
 VOCAB = Vocab(items=40, tags=12, levels=11)
 ALL_MODELS = list(ModelName)
 CROSS_MODELS = {ModelName.dcnv2, ModelName.transformer_dcn}  # DCNv2 heads: see test_overfits_one_batch
-ATTENTION_MODELS = [ModelName.qin, ModelName.qin_softmax, ModelName.qnn_alpha, ModelName.din]
+ATTENTION_MODELS = [ModelName.qin, ModelName.qin_softmax, ModelName.qnn_alpha, ModelName.din,
+                    ModelName.din_sa]
 
 
 def make_items(seed: int = 0, vocab: Vocab = VOCAB, mm_dim: int = 16) -> ItemTables:
@@ -111,7 +113,8 @@ def test_build_model_covers_every_name() -> None:
     expected = {ModelName.qin: QIN, ModelName.qin_softmax: QINSoftmax, ModelName.qin_no_asta: QINNoASTA,
                 ModelName.qin_mlp: QINMLP, ModelName.qin_no_prelu: QINNoPReLU, ModelName.qnn_alpha: QNNAlpha,
                 ModelName.din: DIN, ModelName.mean_pool_mlp: MeanPoolMLP, ModelName.qin_plus: QINPlus,
-                ModelName.dcnv2: DCNv2, ModelName.transformer_dcn: TransformerDCN}
+                ModelName.dcnv2: DCNv2, ModelName.transformer_dcn: TransformerDCN,
+                ModelName.din_sa: DINSA}
     assert set(expected) == set(ModelName)
     batch = make_batch()
     for name, cls in expected.items():
@@ -270,7 +273,7 @@ def test_history_order_does_not_matter(name: ModelName) -> None:
 def test_fast_path_equals_per_slot_path(name: ModelName) -> None:
     # DIN's fast path draws attention-dropout masks for the real slots only (another random stream), so
     # the train-mode comparison runs it without that dropout; eval mode below has none anyway.
-    changes = {"din_attention_dropout": 0.0} if name == ModelName.din else {}
+    changes = {"din_attention_dropout": 0.0} if name in (ModelName.din, ModelName.din_sa) else {}
     fast = tiny_model(name, unique_items=True, **changes)
     slow = build_model(tiny_cfg(name, unique_items=False, **changes), VOCAB, make_items(0))
     slow.load_state_dict(fast.state_dict())
@@ -327,7 +330,7 @@ def test_attention_weights(name: ModelName) -> None:
         return
     assert weights.shape == batch.history.shape
     assert torch.all(weights[batch.history == 0] == 0)
-    if name != ModelName.din:  # ASTA weights are >= 0; DIN's MLP scores may be negative
+    if name not in (ModelName.din, ModelName.din_sa):  # ASTA weights are >= 0; DIN's MLP scores may not be
         assert torch.all(weights >= 0)
 
 
@@ -566,6 +569,7 @@ def test_cross_network_v2_by_hand() -> None:
     (ModelName.dcnv2, {}),
     (ModelName.transformer_dcn, {}),
     (ModelName.transformer_dcn, {"transformer_mask": TransformerMask.as_published}),
+    (ModelName.din_sa, {}),
 ])
 def test_zoo_output_shape_and_finite_gradients(name: ModelName, changes: dict) -> None:
     model = tiny_model(name, **changes).train()
@@ -641,3 +645,33 @@ def test_transformer_dcn_readout() -> None:
     assert torch.all(recent[:, k - 10:][batch.history == 0] == 0)  # padded slots
     empty = (batch.history == 0).all(dim=-1)  # rows 0 and 11
     assert torch.all(pooled[empty] == 0) and pooled[~empty].abs().sum(dim=-1).min() > 0
+
+
+def test_din_sa_parameter_count_by_hand() -> None:
+    """configs/din_sa.yaml on MicroLens: DIN's 8,611,842 + one encoder layer at d_i = 256 (527,104)."""
+    assert transformer_layer_count(256, 512) == 527_104
+    d_e, mm = 8, 16
+    d_i = 2 * d_e + mm  # 32: DIN's item vector keeps the multimodal width
+    attention = mlp_count(4 * d_i, [16, 8], batch_norm=False) + 8 + 1  # DIN's scorer, no BN
+    dnn = mlp_count(2 * d_e + 2 * d_i, [16, 8]) + 8 + 1
+    encoder = transformer_layer_count(d_i, 2 * d_i)  # 1 layer, FFN 2 d_i
+    model = tiny_model(ModelName.din_sa)
+    expected = tiny_embedding_count(d_e, mm) + attention + dnn + encoder  # 13,090
+    assert sum(p.numel() for p in model.parameters()) == expected
+    din = tiny_model(ModelName.din)
+    assert sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in din.parameters()) == encoder
+
+
+def test_din_sa_self_attention_changes_what_din_sees() -> None:
+    """Self-attention mixes the slots of a row: changing one history item changes its neighbour's context
+    vector, and no other row's; padded slots read out as zeros."""
+    model = tiny_model(ModelName.din_sa).eval()
+    batch = make_batch()
+    target, history = model.embedding.items.encode_slots(batch.target_item, batch.history)
+    context, keep = model.self_attention(history, batch.history != 0)
+    assert context.shape == history.shape and torch.all(context[~keep] == 0)
+    other = history.clone()
+    other[2, -1] += 1.0  # change one real slot of row 2 (length 2)
+    changed, _ = model.self_attention(other, batch.history != 0)
+    assert not torch.allclose(changed[2, -2], context[2, -2])  # its neighbour in row 2 sees the change
+    torch.testing.assert_close(changed[3:], context[3:])  # other rows do not
