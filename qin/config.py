@@ -51,6 +51,9 @@ class ModelName(str, enum.Enum):  # noqa: UP042 - the (str, Enum) form is the ag
     din = "din"  # the organisers' DIN baseline (FuxiCTR DIN_default)
     mean_pool_mlp = "mean_pool_mlp"  # baseline: mean of the history item vectors, then an MLP
     qin_plus = "qin_plus"  # softmax ASTA + history mean + similarity block, quadratic tower + MLP (best.yaml)
+    dcnv2 = "dcnv2"  # ASTA (as QIN) + a DCNv2 tower: cross network v2 beside a DNN (FuxiCTR 'parallel')
+    din_sa = "din_sa"  # DIN with a self-attention (Transformer encoder) layer over the history first
+    transformer_dcn = "transformer_dcn"  # 1st place: Transformer over [history ‖ target] + DCNv2
 
 
 class Regularization(str, enum.Enum):  # noqa: UP042 - the (str, Enum) form is the agreed public API
@@ -82,6 +85,13 @@ class LevelZero(str, enum.Enum):  # noqa: UP042 - the (str, Enum) form is the ag
 
     padding = "padding"  # the reference: level 0 reads the padding row (zero, never trained)
     embedded = "embedded"  # level 0 gets a trained row of its own, like levels 1..9
+
+
+class TransformerMask(str, enum.Enum):  # noqa: UP042 - the (str, Enum) form is the agreed public API
+    """transformer_dcn's src_key_padding_mask (True = a key attention ignores)."""
+
+    correct = "correct"  # True on the PADDING slots: attention sees the real history items
+    as_published = "as_published"  # the published bug: True on the REAL slots, so attention sees padding
 
 
 class DeviceChoice(str, enum.Enum):  # noqa: UP042 - the (str, Enum) form is the agreed public API
@@ -144,7 +154,7 @@ class ModelConfig(_Section):
         ModelName.qin,
         description="The model to build: qin (the published QIN) | qin_softmax, qin_no_asta, qin_mlp, "
                     "qin_no_prelu (ablations) | qnn_alpha | din (the organisers' baseline) | mean_pool_mlp | "
-                    "qin_plus.")
+                    "qin_plus | dcnv2 | transformer_dcn | din_sa.")
     embedding_dim: StrictInt = Field(
         128, ge=1, description="Every field's embedding width; an item vector is 3x this (id, tags, "
                                "multimodal).")
@@ -180,6 +190,14 @@ class ModelConfig(_Section):
                            "tower input and BatchNorm after each Khatri-Rao product (QIN's place), so the "
                            "degree-2^L tower stays bounded when ASTA's unnormalised output is large. false = "
                            "the published tower.")
+    cross_layers: StrictInt = Field(
+        3, ge=1, description="dcnv2 / transformer_dcn: layers of the cross network v2 (full-rank W per "
+                             "layer); its DNN beside it is mlp_hidden.")
+    transformer_mask: TransformerMask = Field(
+        TransformerMask.correct,
+        description="transformer_dcn: correct = the key padding mask is True on padding slots | "
+                    "as_published = the published bug, True on the real slots (attention sees padding; a "
+                    "row with every key masked gets zeros).")
 
     @model_validator(mode="after")
     def _heads_divide_embedding(self) -> ModelConfig:

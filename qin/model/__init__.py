@@ -5,13 +5,16 @@ from __future__ import annotations
 from qin.batch import ItemTables, Vocab
 from qin.config import ModelConfig, ModelName
 from qin.model.base import CTRModel
+from qin.model.dcnv2 import DCNv2
 from qin.model.din import DIN
+from qin.model.din_sa import DINSA
 from qin.model.qin import QIN, QINMLP, MeanPoolMLP, QINNoASTA, QINNoPReLU, QINSoftmax
 from qin.model.qin_plus import QINPlus
 from qin.model.qnn_alpha import QNNAlpha
+from qin.model.transformer_dcn import TransformerDCN
 
-__all__ = ["MODELS", "CTRModel", "DIN", "MeanPoolMLP", "QIN", "QINMLP", "QINNoASTA", "QINNoPReLU",
-           "QINPlus", "QINSoftmax", "QNNAlpha", "Vocab", "build_model"]
+__all__ = ["MODELS", "CTRModel", "DCNv2", "DIN", "DINSA", "MeanPoolMLP", "QIN", "QINMLP", "QINNoASTA",
+           "QINNoPReLU", "QINPlus", "QINSoftmax", "QNNAlpha", "TransformerDCN", "Vocab", "build_model"]
 
 
 MODELS: dict[ModelName, type[CTRModel]] = {
@@ -24,6 +27,9 @@ MODELS: dict[ModelName, type[CTRModel]] = {
     ModelName.din: DIN,
     ModelName.mean_pool_mlp: MeanPoolMLP,
     ModelName.qin_plus: QINPlus,
+    ModelName.dcnv2: DCNv2,
+    ModelName.transformer_dcn: TransformerDCN,
+    ModelName.din_sa: DINSA,
 }
 
 

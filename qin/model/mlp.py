@@ -52,10 +52,11 @@ class Dice(nn.Module):
 class MLP(nn.Module):
     """FuxiCTR's MLP_Block: per hidden width Linear -> [BN] -> activation -> [Dropout]; then Linear -> out.
 
-    (N, input_dim) -> (N, output_dim).
+    (N, input_dim) -> (N, output_dim); output_dim=None ends at the last hidden block, (N, hidden[-1]), as
+    FuxiCTR's MLP_Block with output_dim=None (the DNN beside a cross network).
     """
 
-    def __init__(self, input_dim: int, hidden: list[int], output_dim: int, activation: Activation,
+    def __init__(self, input_dim: int, hidden: list[int], output_dim: int | None, activation: Activation,
                  dropout: float, batch_norm: bool) -> None:
         super().__init__()
         layers: list[nn.Module] = []
@@ -66,7 +67,8 @@ class MLP(nn.Module):
             layers.append(make_activation(activation, width_out))
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
-        layers.append(nn.Linear(hidden[-1] if hidden else input_dim, output_dim))
+        if output_dim is not None:
+            layers.append(nn.Linear(hidden[-1] if hidden else input_dim, output_dim))
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,60 @@
+"""DIN-SA: DIN with a self-attention (Transformer encoder) layer over the history before its target attention.
+
+    embeddings -> item vectors -> Transformer encoder over the history -> DIN attention pooling
+               -> [likes ‖ views ‖ v_t ‖ pooled] -> DNN -> logit
+
+Notation (see qin/model/base.py): B batch, L history slots, U unique items, d_e field width, M multimodal
+width, d_i = 2 d_e + M the DIN item vector width (256 in configs/din_sa.yaml).
+
+Everything is DIN (qin/model/din.py) except that each history item vector h_i is replaced by its
+contextualised vector o_i from `num_layers` post-norm Transformer encoder layers (`num_heads` heads, FFN
+2 d_i, dropout net_dropout, no positional encoding), with padding masked as keys (the `correct` mask of
+transformer_dcn) and padded outputs zeroed. The target attention then scores the o_i against v_t.
+Encoder parameters per layer: 4 d_i^2 + 4 d_i (attention) + 2 (2 d_i^2) + 3 d_i (FFN) + 4 d_i (LayerNorms).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from qin.batch import Batch, ItemTables, Vocab
+from qin.config import ModelConfig, TransformerMask
+from qin.model.base import init_weights
+from qin.model.din import DIN
+from qin.model.mlp import Activation
+from qin.model.transformer_dcn import HistoryTransformer
+
+
+class DINSA(DIN):
+    """DIN whose target attention reads self-attended history vectors."""
+
+    def __init__(self, cfg: ModelConfig, vocab: Vocab, items: ItemTables,
+                 attention_activation: Activation = Activation.relu, num_layers: int = 1,
+                 num_heads: int = 2) -> None:
+        super().__init__(cfg, vocab, items, attention_activation)
+        item_dim = self.embedding.items.output_dim  # d_i
+        self.self_attention = HistoryTransformer(item_dim, num_layers, num_heads, 2 * item_dim,
+                                                 cfg.net_dropout, TransformerMask.correct)
+        init_weights(self)  # again, now that the encoder exists (same scheme for every module)
+
+    def encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the DNN input (B, 2 d_e + 2 d_i) and the attention scores (B, L)."""
+        mask = batch.history != 0  # (B, L)
+        if self.cfg.unique_items:
+            items, target_index, history_index = self.embedding.items.encode_unique(
+                batch.target_item, batch.history)  # (U, d_i), (B,), (B, L)
+            target = F.embedding(target_index, items)  # (B, d_i)
+            context, _ = self.self_attention(F.embedding(history_index, items), mask)  # (B, L, d_i)
+            if self.attention.real_slots_exact:  # score the real slots only: context rows as the table
+                batch_size, slots, width = context.shape
+                slot_index = torch.arange(batch_size * slots, device=mask.device).view(batch_size, slots)
+                pooled, scores = self.attention.forward_unique(
+                    target, context.reshape(batch_size * slots, width), slot_index, mask)
+            else:  # Dice: its batch statistics cover every slot, so every slot is scored
+                pooled, scores = self.attention(target, context, mask)
+        else:
+            target, history = self.embedding.items.encode_slots(batch.target_item, batch.history)
+            context, _ = self.self_attention(history, mask)  # (B, L, d_i)
+            pooled, scores = self.attention(target, context, mask)  # (B, d_i), (B, L)
+        return torch.cat([self.embedding.fields(batch), target, pooled], dim=-1), scores
