@@ -381,6 +381,11 @@ def embed(
                     "--image-weight": image_weight != 0.5, "--fusion": fusion is not FusionChoice.concat,
                     "--batch-size": batch_size != 64}
     given = [name for name, changed in content_only.items() if changed]
+    image_only = [name for name, changed in (("--image-weight", image_weight != 0.5),
+                                             ("--images", images is not None)) if changed]
+    if source is EmbedSource.content and image_model is None and image_only:
+        raise QinError(f"{', '.join(image_only)} would be ignored: covers are encoded only with "
+                       "--image-model (a local image model folder)")
     if source is EmbedSource.precomputed and given:
         raise QinError(f"--from precomputed encodes nothing, so {', '.join(given)} would be ignored; "
                        "drop them or use --from content")

@@ -515,7 +515,9 @@ def _one_line(error: ValidationError, source: str, overridden: frozenset[str]) -
     extra = [problem["loc"] for problem in problems if problem["type"] in ("extra_forbidden", "invalid_key")]
     sections = sorted(str(loc[0]) for loc in extra if len(loc) == 1)
     if sections:
-        return QinError(f"{source}: unknown config section(s) {sections}; expected {sorted(_SECTIONS)}")
+        from_set = all(any(key.startswith(f"{section}.") for key in overridden) for section in sections)
+        return QinError(f"{'--set' if from_set else source}: unknown config section(s) {sections}; "
+                        f"expected {sorted(_SECTIONS)}")
     if extra:
         section = str(extra[0][0])  # a section's name: a key at the top level was reported just above
         keys = sorted(f"{section}.{loc[1]}" for loc in extra if loc[0] == section)

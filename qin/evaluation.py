@@ -13,6 +13,7 @@ import numpy as np
 import polars as pl
 
 from qin.errors import QinError
+from qin.features.raw import sha256_file
 from qin.metrics import auc, calibration_ratio, gauc, logloss, normalized_entropy
 from qin.predict import LoadedRun, score_split
 
@@ -36,6 +37,7 @@ def evaluate_run(run: LoadedRun, truth_dir: Path | None = None, split: str = "va
     if split == "test":
         if truth_dir is None:
             raise QinError("the test split has no labels: pass --truth <data>/hidden (generated data only)")
+        check_test_truth_belongs(Path(truth_dir), run.features.manifest, run.features.dir)
         labels, p_true = _test_truth(Path(truth_dir), np.asarray(arrays.ids))
     else:
         if arrays.label is None:
@@ -64,6 +66,20 @@ def _valid_truth(truth_dir: Path, rows: int) -> np.ndarray:
         raise QinError(f"{truth_dir / 'valid_truth.parquet'}: {truth.height} rows, the validation split "
                        f"has {rows}")
     return truth["p_true"].to_numpy()
+
+
+def check_test_truth_belongs(truth_dir: Path, manifest: dict, feature_dir: Path) -> None:
+    """Test truth has no labels of the features' own to check it against: instead, the test.parquet that
+    `qin synth` wrote beside this hidden/ folder must be the file the feature folder was built from."""
+    written = truth_dir.parent / "MicroLens_1M_x1" / "test.parquet"
+    recorded = manifest.get("sources", {}).get("test.parquet", {}).get("sha256")
+    if not written.is_file() or recorded is None:
+        raise QinError(f"{truth_dir}: cannot check that this truth belongs to the test split of "
+                       f"{feature_dir} (no {written} beside it, or no record of the test file in the feature "
+                       "folder); pass the hidden/ folder `qin synth` wrote with this data set")
+    if sha256_file(written) != recorded:
+        raise QinError(f"{truth_dir}: this truth belongs to another data set: {written} is not the test file "
+                       f"{feature_dir} was built from; pass the hidden/ folder written with this data set")
 
 
 def _test_truth(truth_dir: Path, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -171,8 +171,8 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
-            if number == len(lines):
-                break
+            if number == len(lines) and line.lstrip().startswith("{"):
+                break  # a record cut short by a killed writer; anything else is damage, said below
             raise QinError(f"{path}: line {number} is not valid JSON ({error})") from error
         if not isinstance(record, dict):
             raise QinError(f"{path}: line {number} is {type(record).__name__} {line.strip()[:40]!r}, "

@@ -699,3 +699,56 @@ def test_a_metrics_line_that_is_not_an_object_is_named(tmp_path):
     path.write_text('{"step": 1}\n42\n{"step": 2}\n')
     with pytest.raises(QinError, match="line 2 is int '42', not a JSON object"):
         read_jsonl(path)
+
+
+def test_fourth_battery_cases(run, tmp_path, monkeypatch):
+    """Test truth of another data set, a bad middle metrics line, a resume without last.pt but with best.pt,
+    an unknown section from --set, and image options without an image model."""
+    root, config, done = run
+    other = tmp_path / "other"
+    assert invoke("synth", "--size", "tiny", "--seed", "2", "--out", str(other), "--no-images").exit_code == 0
+    message = one_error_line(invoke("evaluate", "--run", str(done), "--split", "test", "--truth",
+                                    str(other / "hidden")))
+    assert "belongs to another data set" in message
+    assert invoke("evaluate", "--run", str(done), "--split", "test", "--truth",
+                  str(root / "data" / "hidden")).exit_code == 0
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 1}\ngarbage line')
+    with pytest.raises(QinError, match="line 2 is not valid JSON"):
+        from qin.files import read_jsonl
+
+        read_jsonl(metrics)
+
+    copy = tmp_path / "no_last"
+    shutil.copytree(done, copy)
+    (copy / "last.pt").unlink()
+    message = one_error_line(invoke("train", "--resume", str(copy)))
+    assert "best.pt is still there" in message and "--overwrite would delete it" in message
+
+    with pytest.raises(QinError, match="^--set: unknown config section"):
+        Config.from_yaml(ROOT / "qin.yaml", ["nosuch.key=1"])
+
+    data = root / "data"
+    message = one_error_line(invoke("embed", "--from", "content", "--data", str(data),
+                                    "--image-weight", "0.9",
+                                    "--out", str(tmp_path / "t.parquet")))
+    assert "--image-weight would be ignored" in message
+
+
+def test_a_config_from_an_older_qin_still_resumes():
+    from qin.train import resume_differences
+
+    current = Config().to_dict()
+    older = {section: dict(values) for section, values in current.items()}
+    del older["model"]["cross_layers"], older["model"]["transformer_mask"]
+    assert resume_differences(older, current) == ""
+
+
+def test_configs_are_found_from_any_folder(tmp_path, monkeypatch):
+    from qin.packaged import config_path
+
+    monkeypatch.chdir(tmp_path)
+    assert config_path(Path("qin.yaml")).read_text() == (ROOT / "qin.yaml").read_text()
+    assert config_path(Path("configs/demo.yaml")).is_file()
+    assert config_path(Path("nope.yaml")) == Path("nope.yaml")

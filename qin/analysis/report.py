@@ -121,8 +121,10 @@ def render_report(run_dir: Path | str, out_html: Path | str | None = None,
         try:
             execute(client, env=env, stderr=kernel_log)
         except CellExecutionError as error:
-            atomic_write_text(executed, nbformat.writes(nb))
-            raise QinError(f"{source.name} failed for {run_dir} (executed copy: {executed}): "
+            # The failed copy goes beside the last good one, which stays in step with the HTML.
+            failed = executed.with_name(f"{executed.stem}.failed{executed.suffix}")
+            atomic_write_text(failed, nbformat.writes(nb))
+            raise QinError(f"{source.name} failed for {run_dir} (executed copy: {failed}): "
                            f"{getattr(error, 'ename', '')}: {getattr(error, 'evalue', error)}") from error
         except (DeadKernelError, RuntimeError) as error:
             kernel_log.seek(0)

@@ -113,6 +113,10 @@ def restore(path: Path, model: CTRModel, optimizer: torch.optim.Optimizer, cfg: 
     Raises:
         QinError: no last.pt, a config that changes the math, or other raw data than the run began with.
     """
+    if not path.is_file() and (path.parent / "best.pt").is_file():
+        raise QinError(f"cannot resume: {path} is missing, so the training state is gone; best.pt is still "
+                       f"there (predict with it: `qin predict --run {path.parent}`), and --overwrite would "
+                       "delete it: train a new run in another --run-dir to go on")
     if not path.is_file():
         raise QinError(f"cannot resume: {path} not found. The run stopped before its first training state "
                        "was saved (at the first evaluation or epoch end); start it again with --overwrite")
@@ -145,6 +149,9 @@ def resume_differences(saved: dict[str, Any], current: dict[str, Any]) -> str:
     for section in sorted(set(saved) | set(current)):
         old, new = saved.get(section, {}), current.get(section, {})
         for key in sorted(set(old) | set(new)):
+            # A key the run's config lacks came with a newer qin: the run used that key's default.
+            if key not in old:
+                continue
             if (section, key) not in RUNTIME_KEYS and old.get(key) != new.get(key):
                 changes.append(f"{section}.{key} ({old.get(key)!r} -> {new.get(key)!r})")
     return ", ".join(changes[:3]) + (", ..." if len(changes) > 3 else "")
