@@ -186,6 +186,13 @@ def check_out_dir(out_dir: Path, tool: str) -> None:
             break
     if not out_dir.is_dir():
         return
+    if not os.access(out_dir, os.W_OK):
+        raise QinError(f"{tool}: {out_dir} is not writable (a read-only folder or file system)")
+    if out_dir.stat().st_dev != out_dir.resolve().parent.stat().st_dev:
+        # The data set is built in a temporary folder beside the output and renamed in; a rename cannot
+        # cross file systems, so a mount point itself (an empty volume, a second disk) cannot be the output.
+        raise QinError(f"{tool}: {out_dir} is a mount point (another file system than its parent folder); "
+                       f"write into a folder inside it instead, e.g. --out {out_dir / 'data'}")
     entries = sorted(path.name for path in out_dir.iterdir())
     if not entries:
         return

@@ -752,3 +752,17 @@ def test_configs_are_found_from_any_folder(tmp_path, monkeypatch):
     assert config_path(Path("qin.yaml")).read_text() == (ROOT / "qin.yaml").read_text()
     assert config_path(Path("configs/demo.yaml")).is_file()
     assert config_path(Path("nope.yaml")) == Path("nope.yaml")
+
+
+def test_synth_onto_a_mount_point_is_refused_before_any_work(tmp_path):
+    mount_point = tmp_path / "volume"
+    mount_point.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs is not permitted here")
+    try:
+        message = one_error_line(invoke("synth", "--size", "tiny", "--no-images", "--out", str(mount_point)))
+        assert "is a mount point" in message and f"--out {mount_point / 'data'}" in message
+        assert not any(mount_point.iterdir()) and not list(tmp_path.glob(".volume.tmp-*"))
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=False)
