@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -57,19 +58,25 @@ def atomic_write_text(path: Path, text: str) -> None:
 def remove_stale_temp_files(path: Path) -> None:
     """Remove `.<name>.<pid>.<random>.tmp` files beside `path` left by writers that were killed.
 
-    Only names of exactly that shape are touched, and only when their pid is no longer running: a
-    live writer's file, or anything a user named otherwise, is left alone.
+    Only regular files whose whole name has exactly that shape (the random part as mkstemp makes it) are
+    touched, and only when their pid is no longer running: a live writer's file, a symlink, or anything a
+    user named otherwise is left alone.
     """
     path = Path(path)
-    prefix = f".{path.name}."
+    pattern = re.compile(re.escape(f".{path.name}.") + r"([0-9]+)\.[a-z0-9_]+\.tmp")
     try:
-        candidates = list(path.parent.glob(f"{glob_escape(prefix)}*.tmp"))
+        candidates = list(path.parent.iterdir())
     except OSError:
         return
     for candidate in candidates:
-        pid, _, rest = candidate.name[len(prefix):].partition(".")
-        if pid.isdigit() and rest and not process_alive(int(pid)) and candidate.is_file():
-            candidate.unlink(missing_ok=True)
+        match = pattern.fullmatch(candidate.name)
+        if match is None or process_alive(int(match.group(1))):
+            continue
+        try:
+            if candidate.is_file() and not candidate.is_symlink():
+                candidate.unlink()
+        except OSError:
+            pass  # vanished or not removable meanwhile: nothing of ours to worry about
 
 
 def glob_escape(text: str) -> str:
