@@ -2,6 +2,7 @@
 
     python benchmarks/measure.py synth       --size bench --json OUT.json
     python benchmarks/measure.py train_speed --batch-size 8192 --steps 2 --json OUT.json
+    python benchmarks/measure.py zoo_speed   --batch-size 1024 --steps 2 --json OUT.json
     python benchmarks/measure.py predict     --features DIR --json OUT.json
     python benchmarks/measure.py latency     --features DIR --json OUT.json
     python benchmarks/measure.py fit         --features DIR --config qin.yaml --set train.max_steps=4 \
@@ -214,6 +215,52 @@ def cmd_fit(args: argparse.Namespace) -> dict[str, Any]:
     return record
 
 
+ZOO_CONFIGS = {"qin": REFERENCE, "qin_plus": ROOT / "configs" / "qin_plus.yaml",
+               "din": ROOT / "configs" / "din.yaml", "dcnv2": ROOT / "configs" / "dcnv2.yaml",
+               "dlf": ROOT / "configs" / "dlf.yaml", "din_sa": ROOT / "configs" / "din_sa.yaml",
+               "transformer_dcn": ROOT / "configs" / "transformer_dcn.yaml"}
+
+
+def cmd_zoo_speed(args: argparse.Namespace) -> dict[str, Any]:
+    """Every model of the zoo at its own config (challenge vocabularies, challenge-shaped batches, one batch
+    size for all): training samples/s on the fast path and scoring rows/s (eval mode, no gradient)."""
+    import train_speed as ts
+
+    from qin.runtime import autocast_context
+
+    device = resolve_device(DeviceChoice(args.device))
+    rng = np.random.default_rng(0)
+    tables = ts.item_tables(rng)
+    rows: list[dict[str, Any]] = []
+    for name in args.models:
+        cfg = Config.from_yaml(ZOO_CONFIGS[name], [f"train.batch_size={args.batch_size}",
+                                                    "data.max_len=64"])
+        batches = [ts.challenge_like_batch(args.batch_size, cfg.data.max_len, rng)
+                   for _ in range(args.steps + args.warmup)]
+        train = ts.time_path(cfg, True, batches, tables, device, args.warmup)
+        seed_everything(cfg.train.seed)
+        model = build_model(cfg.model, ts.VOCAB, tables).to(device).eval()
+        times = []
+        with torch.no_grad(), autocast_context(device, cfg.train):
+            for index, batch in enumerate(batches):
+                batch = batch.to(device)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                started = time.perf_counter()
+                model(batch).float().cpu()
+                if index >= args.warmup:
+                    times.append(time.perf_counter() - started)
+        row = {"model": name, "config": str(ZOO_CONFIGS[name].relative_to(ROOT)), **train,
+               "scoring_rows_per_second": args.batch_size / float(np.mean(times))}
+        print(row, file=sys.stderr, flush=True)
+        rows.append(row)
+        del model
+    return {"device": device.type, "batch_size": args.batch_size, "steps_timed": args.steps,
+            "warmup_steps": args.warmup, "rows": rows,
+            "peak_cuda_mib": (round(torch.cuda.max_memory_allocated() / 2**20) if device.type == "cuda"
+                              else None)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -238,6 +285,11 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--paths", nargs="+", default=["fast", "per_slot"],
                    choices=["fast", "per_slot", "fast_without_l2"])
+    p = add("zoo_speed")
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--models", nargs="+", default=list(ZOO_CONFIGS), choices=list(ZOO_CONFIGS))
     p = add("predict")
     p.add_argument("--features", required=True)
     p.add_argument("--splits", nargs="+", default=["valid", "test"])
@@ -254,7 +306,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    handler = {"synth": cmd_synth, "train_speed": cmd_train_speed, "predict": cmd_predict,
+    handler = {"synth": cmd_synth, "train_speed": cmd_train_speed, "zoo_speed": cmd_zoo_speed,
+               "predict": cmd_predict,
                "latency": cmd_latency, "fit": cmd_fit}[args.command]
     started = time.perf_counter()
     record = {"measurement": args.command, **handler(args)}

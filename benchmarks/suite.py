@@ -78,18 +78,28 @@ SUITE = [
             "the second generator where ids carry more and content less: stronger series co-occurrence "
             "and item biases, content vectors twice as noisy"),
 ]
-MODELS = ["mean_pool_mlp", "qin", "din", "qnn_alpha", "qin_plus"]
+MODELS = ["mean_pool_mlp", "qin", "din", "qnn_alpha", "qin_plus", "dcnv2", "dlf", "din_sa", "transformer_dcn",
+          "transformer_dcn_as_published"]
 SIZES = ["small", "bench"]
+# The model zoo (configs/<name>.yaml): each model's own keys (its structure, its loss form, a published
+# learning rate) with configs/budget.yaml's own keys laid over them, so every model gets the budget's
+# embedding width, batch size, epochs and patience.
+ZOO = {"dcnv2": "dcnv2", "dlf": "dlf", "transformer_dcn": "transformer_dcn",
+       "transformer_dcn_as_published": "transformer_dcn"}
 
 
 def model_config(model: str, raw_dir: Path, seed: int, threads: int | None = None) -> Config:
     """The suite's config of one model: the common budget with `model.name` set (qin_plus: its own yaml,
-    over the same budget)."""
+    over the same budget; the zoo: its yaml under the budget's own keys)."""
     paths = [f"data.raw_dir={raw_dir}", f"data.features_root={WORK / 'features'}",
              f"train.run_root={WORK / 'runs'}", f"train.seed={seed}",
              f"train.threads={'null' if threads is None else threads}"]
     if model == "qin_plus":
         return Config.from_yaml(QIN_PLUS, paths)
+    if model in ZOO:
+        if model == "transformer_dcn_as_published":
+            paths.append("model.transformer_mask=as_published")
+        return Config.from_yaml([ROOT / "configs" / f"{ZOO[model]}.yaml", BUDGET], paths)
     if model == "qnn_alpha":  # as configs/qnn_alpha.yaml trains it: the bounded tower
         paths.append("model.qnn_alpha_bounded=true")
     return Config.from_yaml(BUDGET, [*paths, f"model.name={model}"])

@@ -54,6 +54,7 @@ class ModelName(str, enum.Enum):  # noqa: UP042 - the (str, Enum) form is the ag
     dcnv2 = "dcnv2"  # ASTA (as QIN) + a DCNv2 tower: cross network v2 beside a DNN (FuxiCTR 'parallel')
     din_sa = "din_sa"  # DIN with a self-attention (Transformer encoder) layer over the history first
     transformer_dcn = "transformer_dcn"  # 1st place: Transformer over [history ‖ target] + DCNv2
+    dlf = "dlf"  # ASTA (as QIN) + a DLF tower: low-order interaction layers with attention fusion
 
 
 class Regularization(str, enum.Enum):  # noqa: UP042 - the (str, Enum) form is the agreed public API
@@ -154,7 +155,7 @@ class ModelConfig(_Section):
         ModelName.qin,
         description="The model to build: qin (the published QIN) | qin_softmax, qin_no_asta, qin_mlp, "
                     "qin_no_prelu (ablations) | qnn_alpha | din (the organisers' baseline) | mean_pool_mlp | "
-                    "qin_plus | dcnv2 | transformer_dcn | din_sa.")
+                    "qin_plus | dcnv2 | transformer_dcn | din_sa | dlf.")
     embedding_dim: StrictInt = Field(
         128, ge=1, description="Every field's embedding width; an item vector is 3x this (id, tags, "
                                "multimodal).")
@@ -198,6 +199,15 @@ class ModelConfig(_Section):
         description="transformer_dcn: correct = the key padding mask is True on padding slots | "
                     "as_published = the published bug, True on the real slots (attention sees padding; a "
                     "row with every key masked gets zeros).")
+    dlf_layers: StrictInt = Field(3, ge=1, description="dlf: DLF layers (the authors' attention_layers).")
+    dlf_tokens: StrictInt = Field(
+        16, ge=1, description="dlf: tokens each block of a layer emits (linear, FM, FM with the input, "
+                              "attention); a layer outputs 4x this.")
+    dlf_rank: StrictInt = Field(24, ge=1, description="dlf: rank of the factorization blocks.")
+    dlf_hidden: StrictInt = Field(
+        512, ge=1, description="dlf: hidden width of every MLP in the DLF layers and of its head.")
+    dlf_heads: StrictInt = Field(
+        2, ge=1, description="dlf: heads of the attention fusion; must divide embedding_dim.")
 
     @model_validator(mode="after")
     def _heads_divide_embedding(self) -> ModelConfig:
@@ -205,6 +215,10 @@ class ModelConfig(_Section):
             raise _Invalid("num_heads", f"({self.num_heads}) must divide model.embedding_dim "
                                         f"({self.embedding_dim}): QNN-alpha slices every field embedding "
                                         f"into heads")
+        if self.name is ModelName.dlf and self.embedding_dim % self.dlf_heads:
+            raise _Invalid("dlf_heads", f"({self.dlf_heads}) must divide model.embedding_dim "
+                                        f"({self.embedding_dim}): DLF's attention splits every token into "
+                                        f"heads")
         return self
 
 

@@ -8,12 +8,13 @@ from qin.model.base import CTRModel
 from qin.model.dcnv2 import DCNv2
 from qin.model.din import DIN
 from qin.model.din_sa import DINSA
+from qin.model.dlf import DLF
 from qin.model.qin import QIN, QINMLP, MeanPoolMLP, QINNoASTA, QINNoPReLU, QINSoftmax
 from qin.model.qin_plus import QINPlus
 from qin.model.qnn_alpha import QNNAlpha
 from qin.model.transformer_dcn import TransformerDCN
 
-__all__ = ["MODELS", "CTRModel", "DCNv2", "DIN", "DINSA", "MeanPoolMLP", "QIN", "QINMLP", "QINNoASTA",
+__all__ = ["MODELS", "CTRModel", "DCNv2", "DIN", "DINSA", "DLF", "MeanPoolMLP", "QIN", "QINMLP", "QINNoASTA",
            "QINNoPReLU", "QINPlus", "QINSoftmax", "QNNAlpha", "TransformerDCN", "Vocab", "build_model"]
 
 
@@ -30,6 +31,7 @@ MODELS: dict[ModelName, type[CTRModel]] = {
     ModelName.dcnv2: DCNv2,
     ModelName.transformer_dcn: TransformerDCN,
     ModelName.din_sa: DINSA,
+    ModelName.dlf: DLF,
 }
 
 
