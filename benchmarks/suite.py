@@ -292,9 +292,54 @@ def gauc_ne_table() -> str:
     return "\n".join(lines)
 
 
+def lift_table(size: str = "small") -> str:
+    """Markdown table: each model's lift over chance as a share of the oracle's, (AUC - .5) / (oracle - .5),
+    on every data set of `size` (mean over its seeds, their number in brackets when more than one), with the
+    mean and the worst over the data sets; a model missing a data set gets no mean. Best of a column bold."""
+    records = [(dataset, record) for dataset, stored_size, record in stored_results() if stored_size == size]
+    names = ["LR 2 + levels", *MODELS]
+    cells: dict[str, list[float | None]] = {name: [] for name in names}
+    seeds: dict[str, list[int]] = {name: [] for name in names}
+    for _, record in records:
+        oracle = record["oracle_test_auc"]
+        ladder = {b["name"]: b["test_auc"] for b in record["baselines"]}
+        cells["LR 2 + levels"].append(lift(ladder["lr_2_levels"], oracle))
+        seeds["LR 2 + levels"].append(1)
+        for model in MODELS:
+            aucs = [r["test_auc"] for r in record["runs"] if r["model"] == model]
+            cells[model].append(lift(statistics.mean(aucs), oracle) if aucs else None)
+            seeds[model].append(len(aucs))
+    lines = [f"| model ({size}) | " + " | ".join(d.name for d, _ in records) + " | mean | worst |",
+             "|---|" + "---|" * (len(records) + 2)]
+    columns = list(zip(*(cells[name] for name in names), strict=True)) if records else []
+    best = [max((v for v in column if v is not None), default=None) for column in columns]
+    summary = {name: (statistics.mean(values), min(values)) for name, values in cells.items()
+               if values and None not in values}
+    best_mean = max((mean for mean, _ in summary.values()), default=None)
+    for name in names:
+        row = [f"`{name}`" if name in MODELS else name]
+        for index, value in enumerate(cells[name]):
+            if value is None:
+                row.append("")
+                continue
+            text = f"{100 * value:.1f}%" + (f" ({seeds[name][index]})" if seeds[name][index] > 1 else "")
+            row.append(f"**{text}**" if value == best[index] else text)
+        if name in summary:
+            mean, worst = summary[name]
+            mean_text = f"{100 * mean:.1f}%"
+            row += [f"**{mean_text}**" if mean == best_mean else mean_text, f"{100 * worst:.1f}%"]
+        else:
+            row += ["", ""]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def report() -> str:
-    """The report's tables, as markdown: test AUC with the baseline ladder, then GAUC, NE and calibration."""
-    return (auc_table() + "\n\nTest GAUC (per-user AUC, users weighted by their rows) · normalised entropy "
+    """The report's tables, as markdown: test AUC with the baseline ladder, the lift of every model on every
+    `small` data set, then GAUC, NE and calibration."""
+    return (auc_table() + "\n\nLift over chance as a share of the oracle's, per data set (`small`; several "
+            "seeds: the lift of their mean AUC, their number in brackets):\n\n" + lift_table()
+            + "\n\nTest GAUC (per-user AUC, users weighted by their rows) · normalised entropy "
             "(logloss / entropy of the test click rate, lower is better) · calibration (predicted / observed "
             "clicks); blank: not recorded by that run.\n\n" + gauc_ne_table())
 

@@ -84,6 +84,24 @@ def test_predict_valid_rows_and_evaluate_with_oracle(trained):
     assert 0.5 < metrics["gauc"] <= 1 and 0 < metrics["ne"] < 1 and 0 < metrics["calibration"]
 
 
+@pytest.mark.parametrize("name", ["dcnv2", "transformer_dcn", "din_sa", "dlf"])
+def test_the_zoo_trains_resumes_and_predicts_through_the_cli(trained, name):
+    """configs/<name>.yaml under the tiny config's own keys: train, resume the finished run, predict."""
+    root, config, _ = trained
+    run = root / "zoo" / name
+    train = ["train", "-c", f"configs/{name}.yaml", "-c", str(config), "--set", "train.epochs=1",
+             "--no-progress"]
+    first = invoke(*train, "--run-dir", str(run))
+    assert first.exit_code == 0, first.output
+    assert f"name: {name}" in (run / "config.yaml").read_text()
+    again = invoke(*train, "--resume", str(run))  # a finished run: checks the config, trains nothing
+    assert again.exit_code == 0, again.output
+    out = root / f"zoo-{name}.csv"
+    predicted = invoke("predict", "--run", str(run), "--out", str(out))
+    assert predicted.exit_code == 0, predicted.output
+    assert pl.read_csv(out)["Task2"].is_between(0, 1).all()
+
+
 def test_predict_defaults_to_the_newest_run(trained, monkeypatch):
     root, _, _ = trained
     monkeypatch.chdir(root)  # runs/ under the cwd is where the default looks

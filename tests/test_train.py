@@ -60,6 +60,28 @@ def test_resume_matches_an_uninterrupted_run(tiny_data, tiny_features, tmp_path,
     assert resumed.valid_auc == whole.valid_auc
 
 
+ZOO = ["dcnv2", "transformer_dcn", "din_sa", "dlf"]
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_zoo_resumes_exactly(tiny_data, tiny_features, tmp_path, name):
+    """Each zoo model, cut mid-epoch (dropout and batch norm on), resumes to the uninterrupted run's record."""
+    cfg = tiny_config(tiny_data, tmp_path, epochs=2, patience=10, batch_size=2000, eval_steps=2).replace(
+        "model", name=name, dlf_tokens=4, dlf_hidden=16, dlf_rank=3)
+    features = load_features(tiny_features)
+    whole = fit(cfg, features, tmp_path / "whole", progress=False)
+
+    def stop(step: int) -> None:
+        if step == 5:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        fit(cfg, features, tmp_path / "cut", progress=False, on_step=stop)
+    resumed = fit(cfg, features, tmp_path / "cut", resume=True, progress=False)
+    assert [r["valid_auc"] for r in resumed.evaluations] == [r["valid_auc"] for r in whole.evaluations]
+    assert [r["train_loss"] for r in resumed.evaluations] == [r["train_loss"] for r in whole.evaluations]
+
+
 def test_lr_halves_on_plateau_and_patience_stops(tiny_data, tiny_features, tmp_path):
     # min_delta=1 makes every evaluation after the first "not improved"
     cfg = tiny_config(tiny_data, tmp_path, epochs=10, patience=3, min_delta=1.0, learning_rate=1e-3)
