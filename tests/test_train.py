@@ -65,7 +65,7 @@ ZOO = ["dcnv2", "transformer_dcn", "din_sa", "dlf"]
 
 @pytest.mark.parametrize("name", ZOO)
 def test_zoo_resumes_exactly(tiny_data, tiny_features, tmp_path, name):
-    """Each zoo model, cut mid-epoch (dropout and batch norm on), resumes to the uninterrupted run's record."""
+    """Each zoo model, cut mid-epoch (dropout and batch norm on), resumes to the uninterrupted run's."""
     cfg = tiny_config(tiny_data, tmp_path, epochs=2, patience=10, batch_size=2000, eval_steps=2).replace(
         "model", name=name, dlf_tokens=4, dlf_hidden=16, dlf_rank=3)
     features = load_features(tiny_features)
