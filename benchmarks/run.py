@@ -224,6 +224,14 @@ def _cores(usage: dict[str, Any] | None) -> str:
     return f"{usage['cpu_seconds'] / usage['wall_seconds']:.2f}"
 
 
+def _flops_text(result: dict[str, Any]) -> str:
+    """Counted FLOPs per sample (qin/flops.py: matmul-like operators, forward + backward) and MFU against
+    the measured matmul peak of the device."""
+    return (f"{result['train_flops_per_sample'] / 1e6:,.0f} MFLOP/sample, "
+            f"{result['achieved_tflops']:.2f} TFLOP/s = MFU {100 * result['mfu']:.1f}% of the measured "
+            f"{result['peak_dtype']} matmul peak ({result['peak_tflops_measured']:.2f} TFLOP/s)")
+
+
 def rows_for(name: str, r: dict[str, Any]) -> list[tuple[str, ...]]:
     """(measurement, setting, result, peak memory, cores used) table rows of one result file."""
     return [(*row, _cores(r.get("process"))) if len(row) == 4 else row for row in _rows_for(name, r)]
@@ -250,6 +258,8 @@ def _rows_for(name: str, r: dict[str, Any]) -> list[tuple[str, ...]]:
         if r.get("speedup_fast_vs_per_slot"):
             parts.append(f"x{r['speedup_fast_vs_per_slot']:.2f}")
         first = next(iter(res.values()))
+        if first.get("mfu") is not None:
+            parts.append(_flops_text(first))
         setting = (f"reference QIN, {first['parameters']:,} params, batch {r['batch_size']}, {r['device']}, "
                    f"{r['steps_timed']} step(s) timed after {r['warmup_steps']} warm-up, "
                    f"{first['seconds_per_step']:.1f} s/step")
@@ -259,7 +269,8 @@ def _rows_for(name: str, r: dict[str, Any]) -> list[tuple[str, ...]]:
                  f"`{row['config']}`, {row['parameters']:,} params, batch {r['batch_size']}, {r['device']}, "
                  f"{r['steps_timed']} step(s) timed after {r['warmup_steps']} warm-up",
                  f"**{row['samples_per_second']:,.0f} samples/s** training, "
-                 f"{row['scoring_rows_per_second']:,.0f} rows/s scoring", "–") for row in r["rows"]]
+                 f"{row['scoring_rows_per_second']:,.0f} rows/s scoring"
+                 + (f"; {_flops_text(row)}" if row.get("mfu") is not None else ""), "–") for row in r["rows"]]
     if kind == "fit":
         setting = (f"`qin train` loop, reference QIN ({r['parameters']:,} params), batch {r['batch_size']}, "
                    f"{r['steps']} of {r['steps_per_epoch']} steps timed, "

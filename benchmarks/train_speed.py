@@ -6,12 +6,18 @@ parameters with the challenge's vocabularies), batch 8192, histories of the chal
 the step time share of the full-table L2 regulariser, and peak memory. Writes
 benchmarks/results/train_speed_<device>.json.
 
+Per path also the model FLOPs per sample, counted (qin/flops.py: torch's FlopCounterMode, matmul-like
+operators only) on the first batch, and from them the achieved TFLOP/s and the model FLOPs utilisation
+(MFU) against the device's matmul peak MEASURED here in the step's dtype (bf16 on CUDA with train.bf16,
+float32 otherwise), not the datasheet's. The fast path's FLOPs depend on the batch's distinct items.
+
     python benchmarks/train_speed.py [--steps 5] [--batch-size 8192] [--device cpu|cuda]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import resource
@@ -22,7 +28,8 @@ import numpy as np
 import torch
 
 from qin.batch import Batch, ItemTables, Vocab
-from qin.config import Config, DeviceChoice
+from qin.config import Config, DeviceChoice, TrainConfig
+from qin.flops import default_peak_size, measured_peak_flops, train_flops_per_sample
 from qin.model import build_model
 from qin.runtime import resolve_device, seed_everything
 from qin.train import make_train_step
@@ -58,12 +65,27 @@ def item_tables(rng: np.random.Generator) -> ItemTables:
     return ItemTables(tags=torch.from_numpy(tags), mm_emb=torch.from_numpy(mm))
 
 
+def step_dtype(device: torch.device, train_cfg: TrainConfig) -> torch.dtype:
+    """The dtype the step's matmuls run in: bf16 under the step's CUDA autocast, float32 otherwise."""
+    return torch.bfloat16 if device.type == "cuda" and train_cfg.bf16 else torch.float32
+
+
+@functools.cache
+def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
+    """Measured matmul FLOP/s of the device in `dtype` (qin.flops.measured_peak_flops), once per process."""
+    return measured_peak_flops(device, dtype)
+
+
 def time_path(cfg: Config, unique_items: bool, batches: list[Batch], tables: ItemTables, device: torch.device,
-              warmup: int) -> dict:
+              warmup: int, count_flops: bool = True) -> dict:
+    """Samples/s of the training step on `batches` (the first `warmup` untimed) and, with `count_flops`,
+    the FLOPs per sample counted on the first batch, the achieved TFLOP/s and the MFU."""
     seed_everything(cfg.train.seed)
     model_cfg = Config.from_dict({**cfg.to_dict(), "model": {**cfg.to_dict()["model"],
                                                              "unique_items": unique_items}}).model
     model = build_model(model_cfg, VOCAB, tables).to(device)
+    # Counted before the first step, on a copy of the model under a forked RNG: the timed run is unchanged.
+    flops = train_flops_per_sample(model, batches[0], cfg.train) if count_flops else None
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.learning_rate)
     step = make_train_step(model, model, optimizer, cfg, device)
     times = []
@@ -78,10 +100,26 @@ def time_path(cfg: Config, unique_items: bool, batches: list[Batch], tables: Ite
         if index >= warmup:
             times.append(time.perf_counter() - start)
     rows = batches[0].size
-    return {"unique_items": unique_items, "steps_timed": len(times),
-            "seconds_per_step": float(np.mean(times)),
-            "samples_per_second": rows / float(np.mean(times)),
-            "parameters": sum(p.numel() for p in model.parameters())}
+    result = {"unique_items": unique_items, "steps_timed": len(times),
+              "seconds_per_step": float(np.mean(times)),
+              "samples_per_second": rows / float(np.mean(times)),
+              "parameters": sum(p.numel() for p in model.parameters())}
+    if flops is not None:
+        dtype = step_dtype(device, cfg.train)
+        peak = matmul_peak(device, dtype)
+        achieved = flops.train * result["samples_per_second"]  # model FLOP/s of the timed steps
+        result.update({
+            "train_flops_per_sample": flops.train,  # forward + backward, loss included, optimizer not
+            "forward_flops_per_sample": flops.forward,
+            "inference_flops_per_sample": flops.inference,
+            "flops_counted_on": flops.as_dict(),
+            "achieved_tflops": achieved / 1e12,
+            "peak_tflops_measured": peak / 1e12,
+            "peak_dtype": str(dtype).removeprefix("torch."),
+            "peak_matmul_size": default_peak_size(device),
+            "mfu": achieved / peak,
+        })
+    return result
 
 
 def main() -> None:
@@ -114,6 +152,9 @@ def main() -> None:
         / results["per_slot"]["samples_per_second"],
         "l2_share_of_fast_step": 1 - results["fast_without_l2"]["seconds_per_step"]
         / results["fast"]["seconds_per_step"],
+        "matmul_peak_tflops": results["fast"]["peak_tflops_measured"],
+        "matmul_peak_dtype": results["fast"]["peak_dtype"],
+        "mfu": {path: result["mfu"] for path, result in results.items()},
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
     }
@@ -125,6 +166,14 @@ def main() -> None:
           f"{results['fast']['samples_per_second']:,.0f} | "
           f"{results['per_slot']['samples_per_second']:,.0f} | "
           f"{record['speedup_fast_vs_per_slot']:.2f}x | {record['peak_rss_mib']:,.0f} MiB |")
+    for path, result in results.items():
+        counted_on = result["flops_counted_on"]
+        print(f"{path}: {result['forward_flops_per_sample'] / 1e6:,.1f} MFLOP/sample forward, "
+              f"{result['train_flops_per_sample'] / 1e6:,.1f} train (counted at batch "
+              f"{counted_on['batch_size']}, {counted_on['unique_item_ids']:,} distinct items); "
+              f"{result['achieved_tflops']:.3f} TFLOP/s achieved, MFU "
+              f"{100 * result['mfu']:.1f}% of the measured {result['peak_dtype']} matmul peak "
+              f"{result['peak_tflops_measured']:.3f} TFLOP/s")
 
 
 if __name__ == "__main__":
