@@ -130,7 +130,17 @@ def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_latency(args: argparse.Namespace) -> dict[str, Any]:
-    """One request = 1 user's history x C candidate items, through qin.predict.one_request."""
+    """One request = 1 user's history x C candidate items, through qin.predict.one_request.
+
+    p50/p99 are one_request's (qin.serve's fast path for the QIN family; `path` says which ran; the first
+    request, which builds its tables, is a warm-up). The plain path (the history repeated C times through
+    the whole model) is timed on the same requests after it, and both paths' scores are compared.
+    `cores_used` = process CPU time / wall time over the timed requests.
+    """
+    import copy
+    from collections.abc import Callable
+
+    from qin import serve
     from qin.predict import LoadedRun, one_request
 
     features = load_features(Path(args.features))
@@ -149,25 +159,54 @@ def cmd_latency(args: argparse.Namespace) -> dict[str, Any]:
                          np.asarray(pool.item_id[rows], dtype=np.int64),
                          np.asarray(pool.likes_level[rows], dtype=np.int64),
                          np.asarray(pool.views_level[rows], dtype=np.int64)))
-    times = []
-    for index, request in enumerate(requests):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        scores = one_request(run, *request)  # returns numpy: waits for the device
-        elapsed = time.perf_counter() - started
-        assert scores.shape == (args.candidates,)
-        if index >= args.warmup:
+
+    def timed(score: Callable[..., np.ndarray]) -> tuple[list[float], list[np.ndarray], dict[str, float]]:
+        times, outputs = [], []
+        cpu_started = wall_started = 0.0
+        for index, request in enumerate(requests):
+            if index == args.warmup:
+                cpu_started, wall_started = time.process_time(), time.perf_counter()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            scores = score(*request)  # returns numpy: waits for the device
+            elapsed = time.perf_counter() - started
+            assert scores.shape == (args.candidates,)
             times.append(elapsed * 1000)
-    ms = np.asarray(times)
+            outputs.append(scores)
+        cpu, wall = time.process_time() - cpu_started, time.perf_counter() - wall_started
+        return times, outputs, {"cores_used": round(cpu / wall, 2),
+                                "cpu_ms_per_request": round(cpu * 1000 / args.requests, 3)}
+
+    def percentiles(times: list[float]) -> dict[str, float]:
+        ms = np.asarray(times[args.warmup:])
+        return {"p50_ms": round(float(np.percentile(ms, 50)), 3),
+                "p90_ms": round(float(np.percentile(ms, 90)), 3),
+                "p99_ms": round(float(np.percentile(ms, 99)), 3), "mean_ms": round(float(ms.mean()), 3),
+                "max_ms": round(float(ms.max()), 3)}
+
+    times, scores, cores = timed(lambda *request: one_request(run, *request))
+    path = "fast" if serve.server_for(model) is not None else "plain"
+    plain_times, plain_scores, plain_cores = timed(
+        lambda *request: serve.plain_request(model, device, *request))
+    difference = max(float(np.abs(fast.astype(np.float64) - plain).max())
+                     for fast, plain in zip(scores, plain_scores, strict=True))
+    # The yardstick for that difference: how far float32 rounding alone moves each path from a float64 copy
+    # of the model (warm-up requests). Freshly initialised, the reference tower's activations reach ~1e4
+    # and amplify rounding: the paths then differ by more than on a trained model, and neither is exact.
+    exact = copy.deepcopy(model).double()
+    truth = [serve.plain_request(exact, device, *request) for request in requests[:args.warmup]]
+    float32_error = {name: max((float(np.abs(out.astype(np.float64) - true).max())
+                                for out, true in zip(outputs[:args.warmup], truth, strict=True)), default=0.0)
+                     for name, outputs in (("fast", scores), ("plain", plain_scores))}
     history_items = float(np.mean([(r[0] != 0).sum() for r in requests]))
     return {"features": str(features.dir), "device": device.type, "candidates": args.candidates,
             "history_slots": int(requests[0][0].shape[0]), "mean_history_items": history_items,
             "warmup_requests": args.warmup, "timed_requests": args.requests, "parameters": _parameters(model),
-            "p50_ms": round(float(np.percentile(ms, 50)), 3),
-            "p90_ms": round(float(np.percentile(ms, 90)), 3),
-            "p99_ms": round(float(np.percentile(ms, 99)), 3), "mean_ms": round(float(ms.mean()), 3),
-            "max_ms": round(float(ms.max()), 3), "torch_threads": torch.get_num_threads()}
+            "path": path, **percentiles(times), **cores, "first_request_ms": round(times[0], 1),
+            "plain": {**percentiles(plain_times), **plain_cores},
+            "max_abs_difference_vs_plain": difference, "max_abs_error_vs_float64": float32_error,
+            "torch_threads": torch.get_num_threads()}
 
 
 def cmd_fit(args: argparse.Namespace) -> dict[str, Any]:

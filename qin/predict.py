@@ -19,7 +19,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from qin.batch import Batch, Vocab
+from qin.batch import Vocab
 from qin.checkpoints import load_checkpoint
 from qin.config import Config
 from qin.data import SplitTensors, item_tables_of, vocab_of
@@ -28,6 +28,7 @@ from qin.features.io import FeatureSet, load_features
 from qin.files import atomic_write_bytes, check_replaceable, first_line
 from qin.model import CTRModel, build_model
 from qin.runtime import load_weights, predict_probabilities, resolve_device
+from qin.serve import score_request
 
 PREDICTION_COLUMNS = ("row", "user_id", "item_id", "likes_level", "views_level", "history_len", "label",
                       "prediction")  # `qin predict --split valid`
@@ -156,13 +157,9 @@ def write_frame(frame: pl.DataFrame, out: Path) -> None:
 
 def one_request(run: LoadedRun, history: np.ndarray, candidates: np.ndarray, likes: np.ndarray,
                 views: np.ndarray) -> np.ndarray:
-    """Score one user against many candidate items (online-style request): (C,) probabilities."""
-    count = len(candidates)
-    batch = Batch(
-        target_item=torch.as_tensor(candidates, dtype=torch.long),
-        history=torch.as_tensor(history, dtype=torch.long).view(1, -1).expand(count, -1),
-        likes_level=torch.as_tensor(likes, dtype=torch.long),
-        views_level=torch.as_tensor(views, dtype=torch.long),
-    ).to(run.device)
-    with torch.no_grad():
-        return torch.sigmoid(run.model(batch).float()).cpu().numpy()
+    """Score one user against many candidate items (online-style request): (C,) probabilities.
+
+    QIN-family models in eval mode take qin.serve's fast path (per-item tables built on the first request,
+    the history shared by all candidates); every other model the plain one. Both give the same numbers.
+    """
+    return score_request(run.model, run.device, history, candidates, likes, views)
