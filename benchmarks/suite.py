@@ -175,6 +175,8 @@ def run_one(dataset: DataSet, size: str, models: list[str], seeds: list[int], th
         "baselines": [{"name": b.name.value, "test_auc": b.auc, "test_logloss": b.logloss}
                       for b in fit_ladder(features, "test", labels)],
     })
+    # Re-read before writing: another suite process may have added runs while the ladder was fitted.
+    record["runs"] = json.loads(result_path.read_text())["runs"] if result_path.is_file() else []
     write_json(result_path, record)
     for model in models:
         for seed in seeds:
