@@ -67,7 +67,7 @@ def cmd_train_speed(args: argparse.Namespace) -> dict[str, Any]:
     """benchmarks/train_speed.py's measurement (challenge-shaped batches, challenge vocabularies)."""
     import train_speed as ts
 
-    cfg = Config.from_yaml(args.config, [f"train.batch_size={args.batch_size}"])
+    cfg = Config.from_yaml(args.config, [f"train.batch_size={args.batch_size}", *args.overrides])
     device = resolve_device(DeviceChoice(args.device))
     rng = np.random.default_rng(0)
     tables = ts.item_tables(rng)
@@ -83,6 +83,8 @@ def cmd_train_speed(args: argparse.Namespace) -> dict[str, Any]:
             results[path] = ts.time_path(cfg, path == "fast", batches, tables, device, args.warmup)
         print(path, results[path], file=sys.stderr, flush=True)
     record: dict[str, Any] = {
+        "config": str(Path(args.config).resolve().relative_to(ROOT)) if Path(args.config).resolve()
+        .is_relative_to(ROOT) else args.config, "overrides": args.overrides, "model": cfg.model.name.value,
         "device": device.type, "batch_size": args.batch_size, "steps_timed": args.steps,
         "warmup_steps": args.warmup,
         "mean_history_items": float(np.mean([(b.history != 0).sum(1).float().mean() for b in batches])),

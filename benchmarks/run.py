@@ -201,8 +201,12 @@ def _fmt(x: float | None, digits: int = 0) -> str:
 
 
 def _mib(record: dict[str, Any], key: str = "peak_rss_mib") -> str:
+    """The measurement process's peak memory (run.py records it), and the GPU's peak where one was used."""
     value = record.get("process", {}).get(key)
-    return "–" if value is None else f"{value:,} MiB"
+    parts = [] if value is None else [f"{value:,} MiB"]
+    if record.get("peak_cuda_mib") is not None:
+        parts.append(f"{record['peak_cuda_mib']:,} MiB GPU")
+    return " / ".join(parts) or "–"
 
 
 def collect(results: Path) -> dict[str, dict[str, Any]]:
@@ -239,7 +243,9 @@ def rows_for(name: str, r: dict[str, Any]) -> list[tuple[str, ...]]:
 
 def _rows_for(name: str, r: dict[str, Any]) -> list[tuple[str, ...]]:
     kind = r.get("measurement") or r.get("benchmark") or name.split("_")[0]
-    size = name.split("_")[-1]
+    # <kind>_<size>, or <kind>_<size>_<device> from benchmarks/gpu_check.sh
+    size = next((token for token in name.split("_")[1:] if token in MAX_LEN), name.split("_")[-1])
+    on = f", {r['device']}" if r.get("device") == "cuda" else ""
     if kind == "synth":
         return [(f"`qin synth --size {r['size']}`",
                  f"{sum(r['rows'].values()):,} rows, {r['n_items']:,} items",
@@ -260,7 +266,10 @@ def _rows_for(name: str, r: dict[str, Any]) -> list[tuple[str, ...]]:
         first = next(iter(res.values()))
         if first.get("mfu") is not None:
             parts.append(_flops_text(first))
-        setting = (f"reference QIN, {first['parameters']:,} params, batch {r['batch_size']}, {r['device']}, "
+        config = r.get("config", "qin.yaml")
+        what = "reference QIN" if config == "qin.yaml" else f"`{config}`"
+        what += "".join(f" `--set {override}`" for override in r.get("overrides", []))
+        setting = (f"{what}, {first['parameters']:,} params, batch {r['batch_size']}, {r['device']}, "
                    f"{r['steps_timed']} step(s) timed after {r['warmup_steps']} warm-up, "
                    f"{first['seconds_per_step']:.1f} s/step")
         return [("training step (challenge-shaped batches)", setting, ", ".join(parts), _mib(r))]
@@ -275,11 +284,15 @@ def _rows_for(name: str, r: dict[str, Any]) -> list[tuple[str, ...]]:
         setting = (f"`qin train` loop, reference QIN ({r['parameters']:,} params), batch {r['batch_size']}, "
                    f"{r['steps']} of {r['steps_per_epoch']} steps timed, "
                    f"median {r['median_step_seconds_after_first']:.1f} s/step")
-        result = (f"**{r['extrapolated_epoch_samples_per_second']:,.0f} samples/s**, one epoch ≈ "
-                  f"{r['extrapolated_epoch_seconds'] / 60:,.0f} min (extrapolated)")
-        return [(f"training on `{size}` features", setting, result, _mib(r))]
+        if r["steps"] >= r["steps_per_epoch"]:  # whole epochs ran: their time, validation included
+            result = (f"**{r['samples_per_second']:,.0f} samples/s**, {r['epochs_run']} epoch(s) in "
+                      f"{r['fit_wall_seconds']:,.1f} s with validation")
+        else:
+            result = (f"**{r['extrapolated_epoch_samples_per_second']:,.0f} samples/s**, one epoch ≈ "
+                      f"{r['extrapolated_epoch_seconds'] / 60:,.0f} min (extrapolated)")
+        return [(f"training on `{size}` features{on}", setting, result, _mib(r))]
     if kind == "predict":
-        return [(f"prediction ({size}: valid + test)",
+        return [(f"prediction ({size}: valid + test{on})",
                  f"reference QIN ({r['parameters']:,} params), eval batch {r['batch_size']}, "
                  f"{r['rows']:,} rows",
                  f"**{r['rows_per_second']:,} rows/s**", _mib(r))]
