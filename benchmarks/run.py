@@ -231,9 +231,12 @@ def _cores(usage: dict[str, Any] | None) -> str:
 def _flops_text(result: dict[str, Any]) -> str:
     """Counted FLOPs per sample (qin/flops.py: matmul-like operators, forward + backward) and MFU against
     the measured matmul peak of the device."""
+    def rate(tflops: float) -> str:  # a CPU's rates are GFLOP/s
+        return f"{tflops:.1f} TFLOP/s" if tflops >= 1 else f"{1000 * tflops:.1f} GFLOP/s"
+
     return (f"{result['train_flops_per_sample'] / 1e6:,.0f} MFLOP/sample, "
-            f"{result['achieved_tflops']:.2f} TFLOP/s = MFU {100 * result['mfu']:.1f}% of the measured "
-            f"{result['peak_dtype']} matmul peak ({result['peak_tflops_measured']:.2f} TFLOP/s)")
+            f"{rate(result['achieved_tflops'])} = MFU {100 * result['mfu']:.1f}% of the measured "
+            f"{result['peak_dtype']} matmul peak ({rate(result['peak_tflops_measured'])})")
 
 
 def rows_for(name: str, r: dict[str, Any]) -> list[tuple[str, ...]]:
