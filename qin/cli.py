@@ -146,6 +146,11 @@ class EmbedSource(str, Enum):  # noqa: UP042
     content = "content"  # encode titles and covers with local models
 
 
+class TuneChoice(str, Enum):  # noqa: UP042 - the (str, Enum) form is what typer lists as choices
+    none = "none"  # the table of --from as it is
+    histories = "histories"  # tune a content table on the training histories (qin.embed.tune)
+
+
 class FusionChoice(str, Enum):  # noqa: UP042 - mirrors qin.embed.Fusion without importing it at start-up
     concat = "concat"
     mean = "mean"
@@ -370,11 +375,40 @@ def embed(
     batch_size: Annotated[int, typer.Option(help="Encoder batch size.")] = 64,
     cache_dir: Annotated[Path, typer.Option(help="Per-encoder cache of encoded vectors.")]
     = Path("features/embed_cache"),
+    tune: Annotated[TuneChoice, typer.Option(help="histories: tune the vectors of --content on the training "
+                                                  "histories (item_seq only, never a label).")]
+    = TuneChoice.none,
+    content: Annotated[Path | None, typer.Option(help="With --tune histories: the item table whose vectors "
+                                                      "are tuned (default: <data>/MicroLens_1M_x1/"
+                                                      "item_info.parquet, the organisers' PCA recipe).")]
+    = None,
+    tune_steps: Annotated[int, typer.Option(help="With --tune histories: optimizer steps.")] = 2000,
+    seed: Annotated[int, typer.Option(help="With --tune histories: random seed.")] = 0,
 ) -> None:
     """Build the 128-d multimodal item embedding (Task 1) as an item_info-compatible table."""
     from qin.embed import Fusion, embed_from_content, embed_from_precomputed
 
     item_feature, item_info = data / "item_feature.parquet", data / "MicroLens_1M_x1" / "item_info.parquet"
+    if tune is TuneChoice.histories:
+        from qin.embed.tune import TuneSettings, tune_on_histories
+
+        ignored = [name for name, changed in (
+            ("--from", source is not EmbedSource.precomputed), ("--text-model", text_model is not None),
+            ("--image-model", image_model is not None), ("--images", images is not None),
+            ("--fusion", fusion is not FusionChoice.concat)) if changed]
+        if ignored:
+            raise QinError(f"--tune histories tunes the table of --content, so {', '.join(ignored)} would be "
+                           "ignored; build that table first with `qin embed --from ...`")
+        table = tune_on_histories(content or item_info, data / "MicroLens_1M_x1" / "train.parquet",
+                                  out or data / "item_info_tuned.parquet",
+                                  TuneSettings(dim=dim, steps=tune_steps, seed=seed), progress=_progress())
+        console.print(f"wrote {table.out}: {table.items} items, {table.warm_items} of them in a training "
+                      f"history ({table.histories} distinct histories), final InfoNCE {table.final_loss:.3f} "
+                      f"({table.seconds:.1f} s)")
+        console.print(f"use it with: --set data.item_info={table.out}")
+        return
+    if content is not None or tune_steps != 2000 or seed != 0:
+        raise QinError("--content, --tune-steps and --seed only apply with --tune histories")
     target = out or data / f"item_info_{source.value}.parquet"
     content_only = {"--text-model": text_model is not None, "--image-model": image_model is not None,
                     "--images": images is not None, "--text-weight": text_weight != 0.5,
@@ -412,20 +446,28 @@ def neighbors(
     = Path("data/demo/MicroLens_1M_x1/item_info.parquet"),
     data: Annotated[Path | None, typer.Option(help="Data folder with item_feature.parquet (for titles).")]
     = None,
+    compare: Annotated[Path | None, typer.Option(help="A second item table (e.g. `qin embed --tune "
+                                                      "histories`'s): its neighbours are shown beside.")]
+    = None,
 ) -> None:
     """The k nearest items (cosine over the item embedding) with their titles and tags."""
+    from rich.columns import Columns
+
     from qin.embed import neighbors as nearest
 
     item_feature = (data / "item_feature.parquet") if data else table.parent.parent / "item_feature.parquet"
     if data is not None and not item_feature.is_file():
         raise QinError(f"{item_feature}: file not found (--data must hold item_feature.parquet, for titles)")
-    frame = nearest(table, item_feature if item_feature.is_file() else None, item_id, k=k)
-    out = Table(title=f"nearest items to {item_id}")
-    for column in frame.columns:
-        out.add_column(column)
-    for row in frame.iter_rows():
-        out.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row))
-    Console().print(out)
+    shown = []
+    for source in (table, *([compare] if compare is not None else [])):
+        frame = nearest(source, item_feature if item_feature.is_file() else None, item_id, k=k)
+        out = Table(title=f"nearest items to {item_id} in {source.name}")
+        for column in frame.columns:
+            out.add_column(column)
+        for row in frame.iter_rows():
+            out.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row))
+        shown.append(out)
+    Console().print(Columns(shown) if len(shown) > 1 else shown[0])
 
 
 @app.command()
