@@ -146,6 +146,8 @@ def config_key(cfg: Config) -> str:
     for section, key in (("data", "raw_dir"), ("data", "features_root"), ("train", "run_root"),
                          ("train", "threads")):
         plain[section].pop(key)
+    if not plain["train"]["cpu_bf16"]:  # added after rows were stored: at its default (float32) it is left
+        plain["train"].pop("cpu_bf16")  # out, so those rows still match
     return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:12]
 
 

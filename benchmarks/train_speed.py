@@ -8,8 +8,9 @@ benchmarks/results/train_speed_<device>.json.
 
 Per path also the model FLOPs per sample, counted (qin/flops.py: torch's FlopCounterMode, matmul-like
 operators only) on the first batch, and from them the achieved TFLOP/s and the model FLOPs utilisation
-(MFU) against the device's matmul peak MEASURED here in the step's dtype (bf16 on CUDA with train.bf16,
-float32 otherwise), not the datasheet's. The fast path's FLOPs depend on the batch's distinct items.
+(MFU) against the device's matmul peak MEASURED here in the step's dtype (bf16 on CUDA with train.bf16 or
+on CPU with train.cpu_bf16, float32 otherwise), not the datasheet's. The fast path's FLOPs depend on the
+batch's distinct items.
 
     python benchmarks/train_speed.py [--steps 5] [--batch-size 8192] [--device cpu|cuda]
 """
@@ -32,7 +33,7 @@ from qin.config import Config, DeviceChoice, TrainConfig
 from qin.flops import default_peak_size, measured_peak_flops, train_flops_per_sample
 from qin.model import build_model
 from qin.runtime import resolve_device, seed_everything
-from qin.train import make_train_step
+from qin.train import make_optimizer, make_train_step
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VOCAB = Vocab(items=91718, tags=11740, levels=11)
@@ -66,8 +67,10 @@ def item_tables(rng: np.random.Generator) -> ItemTables:
 
 
 def step_dtype(device: torch.device, train_cfg: TrainConfig) -> torch.dtype:
-    """The dtype the step's matmuls run in: bf16 under the step's CUDA autocast, float32 otherwise."""
-    return torch.bfloat16 if device.type == "cuda" and train_cfg.bf16 else torch.float32
+    """The dtype the step's matmuls run in: bf16 under the step's autocast (CUDA with train.bf16, CPU with
+    train.cpu_bf16), float32 otherwise."""
+    autocast = train_cfg.bf16 if device.type == "cuda" else train_cfg.cpu_bf16
+    return torch.bfloat16 if autocast else torch.float32
 
 
 @functools.cache
@@ -86,7 +89,7 @@ def time_path(cfg: Config, unique_items: bool, batches: list[Batch], tables: Ite
     model = build_model(model_cfg, VOCAB, tables).to(device)
     # Counted before the first step, on a copy of the model under a forked RNG: the timed run is unchanged.
     flops = train_flops_per_sample(model, batches[0], cfg.train) if count_flops else None
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.learning_rate)
+    optimizer = make_optimizer(model, cfg.train)
     step = make_train_step(model, model, optimizer, cfg, device)
     times = []
     for index, batch in enumerate(batches):

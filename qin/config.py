@@ -257,6 +257,9 @@ class TrainConfig(_Section):
     device: DeviceChoice = Field(
         DeviceChoice.auto, description="auto = CUDA when present, else CPU | cpu | cuda.")
     bf16: StrictBool = Field(True, description="bf16 autocast on CUDA (ignored on CPU).")
+    cpu_bf16: StrictBool = Field(
+        False, description="bf16 autocast on CPU too, training and scoring; about 1.6x faster steps on CPUs "
+                           "with native bf16 (AVX512-BF16 or AMX), slower elsewhere; bf16-tolerance logits.")
     compile: StrictBool = Field(False, description="torch.compile the model (CUDA only).")
     threads: StrictInt | None = Field(None, ge=1, description="Torch CPU threads; null = torch's default.")
     max_steps: StrictInt | None = Field(

@@ -168,7 +168,8 @@ def _counter() -> FlopCounterMode:
 
 
 def _autocast(device: torch.device, train_cfg: TrainConfig | None) -> contextlib.AbstractContextManager:
-    """The step's autocast (bf16 on CUDA when train.bf16), or none without a train config."""
+    """The step's autocast (bf16 on CUDA with train.bf16, on CPU with train.cpu_bf16), or none without a
+    train config."""
     return contextlib.nullcontext() if train_cfg is None else autocast_context(device, train_cfg)
 
 

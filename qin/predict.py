@@ -11,6 +11,7 @@ path is replaced only when it is an earlier one (exactly its columns), never any
 from __future__ import annotations
 
 import io
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from qin.errors import QinError
 from qin.features.io import FeatureSet, load_features
 from qin.files import atomic_write_bytes, check_replaceable, first_line
 from qin.model import CTRModel, build_model
-from qin.runtime import load_weights, predict_probabilities, resolve_device
+from qin.runtime import autocast_context, load_weights, predict_probabilities, resolve_device
 from qin.serve import score_request
 
 PREDICTION_COLUMNS = ("row", "user_id", "item_id", "likes_level", "views_level", "history_len", "label",
@@ -161,5 +162,8 @@ def one_request(run: LoadedRun, history: np.ndarray, candidates: np.ndarray, lik
 
     QIN-family models in eval mode take qin.serve's fast path (per-item tables built on the first request,
     the history shared by all candidates); every other model the plain one. Both give the same numbers.
+    Under the run's bf16 autocast (train.bf16 on CUDA, train.cpu_bf16 on CPU), as its scoring runs.
     """
-    return score_request(run.model, run.device, history, candidates, likes, views)
+    autocast = autocast_context(run.device, run.config.train) if run.config is not None else nullcontext()
+    with autocast:
+        return score_request(run.model, run.device, history, candidates, likes, views)

@@ -41,9 +41,12 @@ def seed_everything(seed: int) -> None:
 
 
 def autocast_context(device: torch.device, train_cfg: TrainConfig) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (no loss scaling needed for bf16); a no-op on CPU."""
+    """bf16 autocast on CUDA with train.bf16 (no loss scaling needed for bf16), on CPU with train.cpu_bf16;
+    otherwise none."""
     if device.type == "cuda" and train_cfg.bf16:
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    if device.type == "cpu" and train_cfg.cpu_bf16:
+        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

@@ -148,7 +148,8 @@ FIELD_ORDER = {
              "dlf_heads",
     "train": "learning_rate batch_size embedding_regularizer regularization net_regularizer epochs "
              "patience lr_decay_factor min_lr min_delta max_grad_norm warmup_steps eval_steps "
-             "eval_batch_size seed device bf16 compile threads max_steps max_loss run_root tensorboard",
+             "eval_batch_size seed device bf16 cpu_bf16 compile threads max_steps max_loss run_root "
+             "tensorboard",
 }
 
 

@@ -376,9 +376,10 @@ def test_qnn_alpha_self_ensemble_loss_matches_formula(form: BCEForm) -> None:
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.sigmoid(logits), p_bar, rtol=1e-5, atol=1e-6)
     expected.backward()
+    # 1e-4, not the default 1e-5: the two soft-target terms' gradients nearly cancel, in float32
     for key, param in model.named_parameters():
         if key in grads:
-            assert_grads_close(grads[key], param.grad)
+            assert_grads_close(grads[key], param.grad, tolerance=1e-4)
 
     model.eval()  # inference: one pass, plain BCE
     loss, logits = model.loss(batch)

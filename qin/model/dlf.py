@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qin.config import ModelConfig
+from qin.model.dropout import Dropout
 from qin.model.mlp import MLP, Activation
 from qin.model.qin import QIN
 
@@ -97,7 +98,7 @@ class TokenAttention(nn.Module):
         self.w_k = nn.Linear(width, width, bias=False)
         self.w_v = nn.Linear(width, width, bias=False)
         self.heads = heads
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.norm = nn.LayerNorm(tokens_in * width)
         self.mlp = token_mlp(tokens_in * width, hidden, tokens_out, width, dropout, batch_norm)
         self.tokens_out, self.width = tokens_out, width

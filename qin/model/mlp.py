@@ -13,6 +13,8 @@ from typing import assert_never
 import torch
 from torch import nn
 
+from qin.model.dropout import Dropout
+
 
 class Activation(enum.StrEnum):
     relu = "relu"
@@ -66,7 +68,7 @@ class MLP(nn.Module):
                 layers.append(nn.BatchNorm1d(width_out))
             layers.append(make_activation(activation, width_out))
             if dropout > 0:
-                layers.append(nn.Dropout(dropout))
+                layers.append(Dropout(dropout))
         if output_dim is not None:
             layers.append(nn.Linear(hidden[-1] if hidden else input_dim, output_dim))
         self.net = nn.Sequential(*layers)

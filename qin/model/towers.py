@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qin.model.dropout import Dropout
 from qin.model.mlp import Activation, make_activation
 
 
@@ -24,15 +25,14 @@ class QuadraticLayer(nn.Module):
         super().__init__()
         self.num_row = num_row
         self.linear = nn.Linear(width, num_row * width)
-        self.branch_dropout = nn.Dropout(dropout)
+        self.branch_dropout = Dropout(dropout)
         self.norm = nn.BatchNorm1d(width) if batch_norm else nn.Identity()
         self.activation = make_activation(activation, width)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        batch, width = z.shape
-        h = self.branch_dropout(self.linear(z))  # (B, R D)
-        h = h.view(batch, self.num_row, width).sum(dim=1)  # (B, D): chunk r = outputs [r D, (r+1) D)
+        # Dropout(W z + b) (B, R D), then its R chunks summed (chunk r = outputs [r D, (r+1) D)): (B, D)
+        h = self.branch_dropout.sum_chunks(self.linear(z), self.num_row)
         y = self.dropout(self.activation(self.norm(z * h)))  # (B, D)
         return y + z
 
@@ -87,10 +87,10 @@ class QNNAlphaLayer(nn.Module):
         self.field_dim, self.num_row, self.num_heads = field_dim, num_row, num_heads
         self.linear = nn.Linear(width, num_row * width)
         self.norm = nn.BatchNorm1d(num_row * width) if batch_norm else nn.Identity()
-        self.branch_dropout = nn.Dropout(dropout)
+        self.branch_dropout = Dropout(dropout)
         # Identity when off: the published layer, with the same parameters and state_dict keys.
         self.product_norm = nn.BatchNorm1d(width) if product_norm else nn.Identity()
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         batch, width = z.shape

@@ -9,8 +9,15 @@
 from qin.train.command import train_command
 from qin.train.loop import evaluate, fit
 from qin.train.state import RUNTIME_KEYS, FitResult, LoopState, features_fingerprint, resume_differences
-from qin.train.step import apply_warmup, check_loss, check_two_classes, make_train_step, shard_order
+from qin.train.step import (
+    apply_warmup,
+    check_loss,
+    check_two_classes,
+    make_optimizer,
+    make_train_step,
+    shard_order,
+)
 
 __all__ = ["RUNTIME_KEYS", "FitResult", "LoopState", "apply_warmup", "check_loss", "check_two_classes",
-           "evaluate", "features_fingerprint", "fit", "make_train_step", "resume_differences", "shard_order",
-           "train_command"]
+           "evaluate", "features_fingerprint", "fit", "make_optimizer", "make_train_step",
+           "resume_differences", "shard_order", "train_command"]

@@ -43,6 +43,7 @@ from qin.train.step import (
     check_loss,
     check_two_classes,
     epoch_batches,
+    make_optimizer,
     make_train_step,
 )
 
@@ -134,7 +135,7 @@ def _set_up(cfg: Config, features: FeatureSet, run_dir: Path, console: Console) 
         # The whole split fits in GPU memory (3.6M x 64 int32 ids ~ 0.9 GB): batches become
         # on-device gathers with no host-to-device copy per step.
         train_split = train_split.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.learning_rate)
+    optimizer = make_optimizer(model, train_cfg)
     step_fn = make_train_step(model, distributed.wrap(model, dist, device), optimizer, cfg, device)
     if train_cfg.compile and device.type == "cuda":
         step_fn = torch.compile(step_fn)
