@@ -656,15 +656,16 @@ def test_transformer_dcn_readout() -> None:
 
 
 def test_din_sa_parameter_count_by_hand() -> None:
-    """configs/din_sa.yaml on MicroLens: DIN's 8,611,842 + one encoder layer at d_i = 256 (527,104)."""
+    """configs/din_sa.yaml on MicroLens: DIN's 8,611,842 + one encoder layer at d_i = 256 (527,104) + the
+    context gate (1)."""
     assert transformer_layer_count(256, 512) == 527_104
     d_e, mm = 8, 16
     d_i = 2 * d_e + mm  # 32: DIN's item vector keeps the multimodal width
     attention = mlp_count(4 * d_i, [16, 8], batch_norm=False) + 8 + 1  # DIN's scorer, no BN
     dnn = mlp_count(2 * d_e + 2 * d_i, [16, 8]) + 8 + 1
-    encoder = transformer_layer_count(d_i, 2 * d_i)  # 1 layer, FFN 2 d_i
+    encoder = transformer_layer_count(d_i, 2 * d_i) + 1  # 1 layer, FFN 2 d_i; the gate
     model = tiny_model(ModelName.din_sa)
-    expected = tiny_embedding_count(d_e, mm) + attention + dnn + encoder  # 13,090
+    expected = tiny_embedding_count(d_e, mm) + attention + dnn + encoder  # 13,091
     assert sum(p.numel() for p in model.parameters()) == expected
     din = tiny_model(ModelName.din)
     assert sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in din.parameters()) == encoder
@@ -683,6 +684,22 @@ def test_din_sa_self_attention_changes_what_din_sees() -> None:
     changed, _ = model.self_attention(other, batch.history != 0)
     assert not torch.allclose(changed[2, -2], context[2, -2])  # its neighbour in row 2 sees the change
     torch.testing.assert_close(changed[3:], context[3:])  # other rows do not
+
+
+def test_din_sa_starts_as_din_and_its_gate_learns() -> None:
+    """The context gate starts at 0: DIN-SA's scores equal DIN's with the same weights; the gate gets a
+    gradient, so training can open it."""
+    din_sa, din = tiny_model(ModelName.din_sa).eval(), tiny_model(ModelName.din).eval()
+    shared = {key: value for key, value in din_sa.state_dict().items() if key in din.state_dict()}
+    din.load_state_dict(shared)
+    batch = make_batch()
+    torch.testing.assert_close(din_sa(batch), din(batch))
+    din_sa.train()
+    din_sa.loss(batch)[0].backward()
+    assert din_sa.context_gate.grad is not None and din_sa.context_gate.grad.abs() > 0
+    with torch.no_grad():
+        din_sa.context_gate.fill_(0.5)
+    assert not torch.allclose(din_sa.eval()(batch), din(batch))
 
 
 def dlf_mlp_count(width: int, hidden: int, out: int) -> int:
