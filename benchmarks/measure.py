@@ -205,6 +205,7 @@ def cmd_latency(args: argparse.Namespace) -> dict[str, Any]:
     return {"features": str(features.dir), "device": device.type, "candidates": args.candidates,
             "history_slots": int(requests[0][0].shape[0]), "mean_history_items": history_items,
             "warmup_requests": args.warmup, "timed_requests": args.requests, "parameters": _parameters(model),
+            "overrides": args.overrides, "cpu_bf16": cfg.train.cpu_bf16,
             "path": path, **percentiles(times), **cores, "first_request_ms": round(times[0], 1),
             "plain": {**percentiles(plain_times), **plain_cores},
             "max_abs_difference_vs_plain": difference, "max_abs_error_vs_float64": float32_error,

@@ -158,6 +158,11 @@ class Runner:
         self.measure(f"latency_{size}", [PY, str(BENCH_DIR / "measure.py"), "latency", "--features", features,
                                          "--requests", str(self.args.requests),
                                          "--json", str(self.results / f".latency_{size}.child.json")])
+        # The same requests served as a run trained with train.cpu_bf16 serves them (bf16 autocast).
+        name = f"latency_{size}_cpu_bf16"
+        self.measure(name, [PY, str(BENCH_DIR / "measure.py"), "latency", "--features", features,
+                            "--requests", str(self.args.requests), "--set", "train.cpu_bf16=true",
+                            "--json", str(self.results / f".{name}.child.json")])
 
     def epoch(self, size: str) -> None:
         name = f"epoch_{size}"
@@ -300,12 +305,26 @@ def _rows_for(name: str, r: dict[str, Any]) -> list[tuple[str, ...]]:
                  f"{r['rows']:,} rows",
                  f"**{r['rows_per_second']:,} rows/s**", _mib(r))]
     if kind == "latency":
-        return [(f"one request ({size})",
+        bf16 = ", bf16 (`train.cpu_bf16`)" if r.get("cpu_bf16") else ""
+        plain = f", plain path p50 {r['plain']['p50_ms']:.1f} ms" if "plain" in r else ""
+        return [(f"one request ({size}{bf16})",
                  f"1 user x {r['candidates']} candidates, {r['timed_requests']} timed after "
-                 f"{r['warmup_requests']} "
-                 f"warm-up, {r['torch_threads']} threads",
-                 f"**p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms** (mean {r['mean_ms']:.0f})",
+                 f"{r['warmup_requests']} warm-up, {r['torch_threads']} threads, "
+                 f"{r.get('path', 'plain')} path{plain}",
+                 f"**p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms** (mean {r['mean_ms']:.1f})",
                  _mib(r))]
+    if kind == "reference_speed":  # benchmarks/reference_speed.py
+        qin_side = "qin.yaml" + "".join(f", `{o}`" for o in r["overrides"])
+        return [(f"training step vs. the published QIN code (batch {batch})",
+                 f"salmon1802/QIN `QIN_variety_v9` on FuxiCTR 2.3.7 vs qin ({qin_side}), same batches, "
+                 f"{row['parameters']['qin']:,} params each, {r['threads']} threads, {r['rounds']} "
+                 f"alternating rounds of {r['steps_per_process']} steps",
+                 f"qin **{row['qin_samples_per_second']:,.0f}** vs reference "
+                 f"{row['reference_samples_per_second']:,.0f} samples/s: **{row['ratio']:.2f}x** (rounds "
+                 + ", ".join(f"{x:.2f}" for x in row["round_ratios"]) + ")", "–",
+                 " / ".join(f"{side['cores_used']:.2f}" for rnd in row["rounds"]
+                            for side in (rnd["qin"], rnd["reference"]) if side.get("cores_used")))
+                for batch, row in r["batch_sizes"].items()]
     if kind == "peer_fuxictr":
         out = []
         for row in r["rows"]:
@@ -322,7 +341,7 @@ def _rows_for(name: str, r: dict[str, Any]) -> list[tuple[str, ...]]:
 
 def write_summary(results: Path, readme: Path) -> None:
     records = collect(results)
-    order = ["synth", "preprocess", "train", "zoo", "epoch", "predict", "latency", "peer"]
+    order = ["synth", "preprocess", "train", "reference", "zoo", "epoch", "predict", "latency", "peer"]
     names = sorted(records, key=lambda n: (next((i for i, p in enumerate(order) if n.startswith(p)), 99), n))
     table_rows = []
     for name in names:

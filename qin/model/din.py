@@ -51,14 +51,29 @@ class DIN(CTRModel):
             items, target_index, history_index = self.embedding.items.encode_unique(
                 batch.target_item, batch.history)  # (U, d_i), (B,), (B, L)
             target = F.embedding(target_index, items)  # (B, d_i)
+            table, slot_rows = self.history_table(items, history_index, mask)
             if self.attention.real_slots_exact:
-                pooled, scores = self.attention.forward_unique(target, items, history_index, mask)
+                pooled, scores = self.attention.forward_unique(target, table, slot_rows, mask)
             else:  # Dice: its batch statistics cover every slot, so every slot is scored
-                pooled, scores = self.attention(target, F.embedding(history_index, items), mask)
+                pooled, scores = self.attention(target, F.embedding(slot_rows, table), mask)
         else:
             target, history = self.embedding.items.encode_slots(batch.target_item, batch.history)
+            history = self.contextualise(history, mask)  # (B, L, d_i)
             pooled, scores = self.attention(target, history, mask)  # (B, d_i), (B, L)
         return torch.cat([self.embedding.fields(batch), target, pooled], dim=-1), scores
+
+    def contextualise(self, history: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The history vectors the target attention reads, (B, L, d_i) -> (B, L, d_i): DIN reads them as
+        they are; DIN-SA (qin/model/din_sa.py) puts them in the context of the row's other items."""
+        return history
+
+    def history_table(self, items: torch.Tensor, history_index: torch.Tensor, mask: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fast path's history vectors as a table and each slot's row in it: ((N, d_i), (B, L)).
+
+        DIN's are the unique item vectors (U, d_i) and `history_index`; a model whose history vectors depend
+        on the row (DIN-SA) returns one row per slot."""
+        return items, history_index
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Logits (B,), no sigmoid."""

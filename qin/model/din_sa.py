@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qin.batch import Batch, ItemTables, Vocab
+from qin.batch import ItemTables, Vocab
 from qin.config import ModelConfig, TransformerMask
 from qin.model.base import init_weights
 from qin.model.din import DIN
@@ -54,23 +54,10 @@ class DINSA(DIN):
         encoded, _ = self.self_attention(history, mask)  # (B, L, d_i), zero at padded slots
         return history * mask.unsqueeze(-1).to(history.dtype) + self.context_gate * encoded
 
-    def encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns the DNN input (B, 2 d_e + 2 d_i) and the attention scores (B, L)."""
-        mask = batch.history != 0  # (B, L)
-        if self.cfg.unique_items:
-            items, target_index, history_index = self.embedding.items.encode_unique(
-                batch.target_item, batch.history)  # (U, d_i), (B,), (B, L)
-            target = F.embedding(target_index, items)  # (B, d_i)
-            context = self.contextualise(F.embedding(history_index, items), mask)  # (B, L, d_i)
-            if self.attention.real_slots_exact:  # score the real slots only: context rows as the table
-                batch_size, slots, width = context.shape
-                slot_index = torch.arange(batch_size * slots, device=mask.device).view(batch_size, slots)
-                pooled, scores = self.attention.forward_unique(
-                    target, context.reshape(batch_size * slots, width), slot_index, mask)
-            else:  # Dice: its batch statistics cover every slot, so every slot is scored
-                pooled, scores = self.attention(target, context, mask)
-        else:
-            target, history = self.embedding.items.encode_slots(batch.target_item, batch.history)
-            context = self.contextualise(history, mask)  # (B, L, d_i)
-            pooled, scores = self.attention(target, context, mask)  # (B, d_i), (B, L)
-        return torch.cat([self.embedding.fields(batch), target, pooled], dim=-1), scores
+    def history_table(self, items: torch.Tensor, history_index: torch.Tensor, mask: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each slot's contextualised vector is a row of its own: ((B L, d_i), (B, L))."""
+        context = self.contextualise(F.embedding(history_index, items), mask)  # (B, L, d_i)
+        batch_size, slots, width = context.shape
+        slot_rows = torch.arange(batch_size * slots, device=mask.device).view(batch_size, slots)  # (B, L)
+        return context.reshape(batch_size * slots, width), slot_rows
