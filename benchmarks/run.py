@@ -356,12 +356,17 @@ def write_summary(results: Path, readme: Path) -> None:
     summary = {"date": now(), "machine": info, "results": {n: _headline(records[n]) for n in names}}
     write_json(results / "summary.json", summary)
 
+    # Results accumulate across sessions, and the shared machine's CPU model is not always the same: name
+    # the rows measured on another CPU than this one.
+    elsewhere = sorted(f"`{n}` ({records[n]['machine']['cpu_model']})" for n in names
+                       if records[n].get("machine", {}).get("cpu_model") not in (None, info["cpu_model"]))
+    other_cpus = f" Measured on another CPU: {', '.join(elsewhere)}." if elsewhere else ""
     lines = [START, "",
              f"Machine: {info['cpu_model']}, {info['cpus']} cores, {info['ram_gib']} GiB RAM, {gpu}; Python "
              f"{info['python']}, torch {info.get('torch')} ({info.get('torch_threads')} threads). "
              f"Shared with other jobs (1-min load average {load_range} when the measurements started): "
              f"timings are noisy. *Cores used* = CPU seconds / wall seconds of the measurement's processes "
-             f"(2.00 would be both cores to itself); CPU-bound rates scale roughly with it.",
+             f"(2.00 would be both cores to itself); CPU-bound rates scale roughly with it.{other_cpus}",
              "",
              "| measurement | setting | result | peak memory | cores used |",
              "|---|---|---|---|---|"]

@@ -232,3 +232,26 @@ def test_ids_out_of_range_raise_as_in_the_plain_path() -> None:
                 path(model, CPU, history, np.array([1, bad]), likes[:2], views[:2])
             with pytest.raises(IndexError):
                 path(model, CPU, np.array([0, 2, bad]), candidates, likes, views)
+
+
+def test_packed_linear_equals_f_linear_and_falls_back_where_it_must() -> None:
+    """The tower's packed float32 linear gives F.linear's result to float32 rounding for any row count; it
+    is really packed on a oneDNN build (else the speed path silently vanished), and under CPU autocast or
+    for another dtype it is F.linear exactly."""
+    generator = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(48, 32, generator=generator), torch.randn(48, generator=generator)
+    linear = serve.PackedLinear(weight, bias)
+    if torch.backends.mkldnn.is_available():
+        assert linear.packed is not None
+    for rows in (1, 7, 100, 257):
+        x = torch.randn(rows, 32, generator=generator)
+        with torch.inference_mode():
+            out = linear(x)
+        torch.testing.assert_close(out, torch.nn.functional.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+    x = torch.randn(100, 32, generator=generator)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(linear(x), torch.nn.functional.linear(x, weight, bias))
+    weight64, bias64, x64 = weight.double(), bias.double(), x.double()
+    double = serve.PackedLinear(weight64, bias64)
+    assert double.packed is None
+    assert torch.equal(double(x64), torch.nn.functional.linear(x64, weight64, bias64))
