@@ -5,6 +5,7 @@
     python benchmarks/measure.py zoo_speed   --batch-size 1024 --steps 2 --json OUT.json
     python benchmarks/measure.py predict     --features DIR --json OUT.json
     python benchmarks/measure.py latency     --features DIR --json OUT.json
+    python benchmarks/measure.py tune        --data DIR --json OUT.json
     python benchmarks/measure.py fit         --features DIR --config qin.yaml --set train.max_steps=4 \
         --json OUT.json
 
@@ -212,6 +213,26 @@ def cmd_latency(args: argparse.Namespace) -> dict[str, Any]:
             "torch_threads": torch.get_num_threads()}
 
 
+def cmd_tune(args: argparse.Namespace) -> dict[str, Any]:
+    """`qin embed --tune histories` (default settings, seed 0) on a generated data set: the data's own
+    item_info as the content table, its train.parquet's histories. The tuned table goes to a temporary
+    folder and is deleted; the record has the tuner's own timing next to the process's (run.py's)."""
+    import tempfile
+
+    from qin.embed.tune import TuneSettings, tune_on_histories
+
+    raw = Path(args.data) / "MicroLens_1M_x1"
+    settings = TuneSettings(steps=args.steps, seed=0)
+    with tempfile.TemporaryDirectory(prefix="qin-tune-") as tmp:
+        out = Path(tmp) / "tuned.parquet"
+        result = tune_on_histories(raw / "item_info.parquet", raw / "train.parquet", out, settings,
+                                   progress=False)
+    return {"data": str(args.data), "items": result.items, "warm_items": result.warm_items,
+            "histories": result.histories, "steps": settings.steps, "batch_size": settings.batch_size,
+            "final_loss": result.final_loss, "seconds": round(result.seconds, 1),
+            "torch_threads": torch.get_num_threads()}
+
+
 def cmd_fit(args: argparse.Namespace) -> dict[str, Any]:
     """`qin train` (qin.train.fit) on a feature folder, with per-step timestamps."""
     from rich.console import Console
@@ -342,6 +363,9 @@ def main() -> None:
     p.add_argument("--candidates", type=int, default=100)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--requests", type=int, default=300)
+    p = add("tune")
+    p.add_argument("--data", required=True, help="a generated data set's root (holds MicroLens_1M_x1/)")
+    p.add_argument("--steps", type=int, default=2000)
     p = add("fit")
     p.add_argument("--features", required=True)
     p.add_argument("--run-dir", default=None)
@@ -350,7 +374,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     handler = {"synth": cmd_synth, "train_speed": cmd_train_speed, "zoo_speed": cmd_zoo_speed,
                "predict": cmd_predict,
-               "latency": cmd_latency, "fit": cmd_fit}[args.command]
+               "latency": cmd_latency, "tune": cmd_tune, "fit": cmd_fit}[args.command]
     started = time.perf_counter()
     record = {"measurement": args.command, **handler(args)}
     record["seconds_in_process"] = round(time.perf_counter() - started, 2)

@@ -20,6 +20,8 @@ Measurements (name -> benchmarks/results/<name>.json):
     epoch_<size>        `qin train` (qin.train.fit) of the reference configuration at batch 8192 on the
                         preprocessed features for --epoch-steps steps, step times extrapolated to one
                         epoch (440 steps at full)
+    tune_<size>         `qin embed --tune histories` (default settings) on the generated data: seconds,
+                        peak RSS (full only)
     peer_fuxictr_<size>_e<epochs>  FuxiCTR DIN vs our DIN vs our QIN on the same data and budget
                         (benchmarks/peer_fuxictr.py)
 
@@ -163,6 +165,14 @@ class Runner:
         self.measure(name, [PY, str(BENCH_DIR / "measure.py"), "latency", "--features", features,
                             "--requests", str(self.args.requests), "--set", "train.cpu_bf16=true",
                             "--json", str(self.results / f".{name}.child.json")])
+
+    def tune(self, size: str) -> None:
+        """`qin embed --tune histories` on the generated data of `size` (the challenge's shape at full)."""
+        name = f"tune_{size}"
+        if self.wanted(name):
+            data = str(self.data(size).parent)
+            self.measure(name, [PY, str(BENCH_DIR / "measure.py"), "tune", "--data", data,
+                                "--json", str(self.results / f".{name}.child.json")])
 
     def epoch(self, size: str) -> None:
         name = f"epoch_{size}"
@@ -313,6 +323,12 @@ def _rows_for(name: str, r: dict[str, Any]) -> list[tuple[str, ...]]:
                  f"{r.get('path', 'plain')} path{plain}",
                  f"**p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms** (mean {r['mean_ms']:.1f})",
                  _mib(r))]
+    if kind == "tune":
+        return [(f"`qin embed --tune histories` ({size})",
+                 f"{r['items']:,} items ({r['warm_items']:,} in a training history), "
+                 f"{r['histories']:,} distinct training histories, {r['steps']:,} steps of "
+                 f"{r['batch_size']:,} pairs, {r['torch_threads']} threads",
+                 f"**{r['seconds']:,.0f} s** (reading, tuning, writing the table)", _mib(r))]
     if kind == "reference_speed":  # benchmarks/reference_speed.py
         qin_side = "qin.yaml" + "".join(f", `{o}`" for o in r["overrides"])
         return [(f"training step vs. the published QIN code (batch {batch})",
@@ -456,6 +472,7 @@ def main() -> None:
         for size in args.sizes:
             if size == "full" or args.quick:
                 steps.append(lambda size=size: runner.epoch(size))
+                steps.append(lambda size=size: runner.tune(size))
         if not args.skip_peer:
             steps.append(runner.peer)
     for step in steps:

@@ -28,9 +28,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import polars as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -201,19 +201,87 @@ def tune_table(content: np.ndarray, histories: np.ndarray, settings: TuneSetting
                             seen=seen[1:], final_loss=float(np.mean(losses[-50:])))
 
 
-def read_histories(train: Path) -> np.ndarray:
+# Rows of train.parquet read at a time: bounds the padded (rows, L) block to a few hundred MiB whatever the
+# file's size (polars' `unique` on the whole list column took 12 GiB for the challenge's 3.6M rows).
+HISTORY_BATCH_ROWS = 262_144
+MAX_HISTORY_LENGTH = 4096
+
+
+def read_histories(train: Path, batch_rows: int = HISTORY_BATCH_ROWS) -> np.ndarray:
     """The distinct `item_seq` lists of train.parquet that hold two items or more, as an (H, L) int64 matrix
-    (left-padded with 0); reads that column and nothing else."""
+    (left-padded with 0), in the order of their first occurrence; reads that column and nothing else.
+
+    Streams the file in batches of `batch_rows` rows. Two histories count as the same when two independent
+    random linear 64-bit hashes of their left-padded ids both agree: a false match needs both to collide,
+    with probability below 1e-25 for the challenge's 3.6M rows.
+    """
+    import pyarrow.parquet as pq
+
     check_columns(train, [ITEM_SEQ])
-    sequences = pl.read_parquet(train, columns=[ITEM_SEQ])[ITEM_SEQ].unique(maintain_order=True)
-    sequences = sequences.filter(sequences.list.len().fill_null(0) >= 2)
-    lengths = sequences.list.len().to_numpy().astype(np.int64)  # (H,)
-    width = int(lengths.max()) if lengths.size else 1
-    flat = sequences.explode().fill_null(0).to_numpy().astype(np.int64)  # (sum of lengths,)
-    rows = np.repeat(np.arange(lengths.size), lengths)
-    positions = np.arange(flat.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    out = np.zeros((lengths.size, width), dtype=np.int64)  # (H, L)
-    out[rows, width - np.repeat(lengths, lengths) + positions] = flat
+    # (2, MAX) odd 64-bit weights; a history of width w uses the last w columns, so the zeros of left padding
+    # add nothing and a history hashes alike in blocks of any width.
+    weights = np.random.default_rng(0).integers(0, 2**63, size=(2, MAX_HISTORY_LENGTH), dtype=np.uint64)
+    weights = weights * np.uint64(2) + np.uint64(1)
+    blocks: list[np.ndarray] = []  # per batch: its first occurrences of histories with 2+ items, (k, width)
+    codes: list[np.ndarray] = []  # per batch: their hashes, (k, 2)
+    try:
+        for batch in pq.ParquetFile(train).iter_batches(batch_size=batch_rows, columns=[ITEM_SEQ]):
+            block = _padded_block(batch.column(0))  # (rows, width)
+            if block.shape[1] > MAX_HISTORY_LENGTH:
+                raise QinError(f"{train}: an item_seq holds {block.shape[1]} items; at most "
+                               f"{MAX_HISTORY_LENGTH} are supported")
+            block = block[(block != 0).sum(axis=1) >= 2]
+            hashes = block.astype(np.uint64) @ weights[:, MAX_HISTORY_LENGTH - block.shape[1]:].T  # (rows, 2)
+            first = _first_occurrences(hashes)
+            kept = block[first]
+            # Item ids fit int32 (the challenge has 91,718): half the memory while the file streams by.
+            blocks.append(kept.astype(np.int32) if kept.size and kept.max() < 2**31 else kept)
+            codes.append(hashes[first])
+    except OSError as error:
+        raise QinError(f"{train}: cannot read item_seq ({error})") from error
+    all_codes = np.concatenate(codes) if codes else np.zeros((0, 2), dtype=np.uint64)  # (K, 2)
+    first = _first_occurrences(all_codes)
+    width = max((b.shape[1] for b in blocks), default=1)
+    out = np.zeros((first.size, width), dtype=np.int64)  # (H, L)
+    offset, start = 0, 0
+    for block in blocks:
+        mine = first[(first >= offset) & (first < offset + block.shape[0])] - offset
+        out[start:start + mine.size, width - block.shape[1]:] = block[mine]
+        offset, start = offset + block.shape[0], start + mine.size
+    return out
+
+
+def _first_occurrences(hashes: np.ndarray) -> np.ndarray:
+    """Rows of a (n, 2) hash matrix that hold a hash pair for the first time, ascending."""
+    order = np.lexsort((hashes[:, 1], hashes[:, 0]))  # stable: equal pairs keep their row order
+    ordered = hashes[order]
+    starts = np.ones(order.size, dtype=bool)
+    starts[1:] = (ordered[1:] != ordered[:-1]).any(axis=1)
+    return np.sort(order[starts])
+
+
+def _padded_block(column: Any) -> np.ndarray:
+    """An arrow list<int> column (rows,) as a (rows, longest) int64 matrix, each list right-aligned
+    (left-padded with 0); a null list or null item is 0."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if column.null_count:
+        column = pc.if_else(pc.is_null(column), pa.scalar([], type=column.type), column)
+    offsets = column.offsets.to_numpy().astype(np.int64)  # (rows + 1,)
+    offsets -= offsets[0]  # a sliced array's offsets start where its slice does
+    flat = pc.fill_null(column.flatten(), 0).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    lengths = np.diff(offsets)  # (rows,)
+    rows = lengths.size
+    width = int(lengths.max()) if rows else 0
+    if rows and (lengths == width).all():  # the usual file: every list stored at the same length
+        return flat.reshape(rows, width).copy()
+    out = np.zeros((rows, width), dtype=np.int64)  # (rows, width)
+    # Item e of row r lands in column width - (offsets[r+1] - e): flat index (r+1) width - offsets[r+1] + e.
+    shift = np.arange(1, rows + 1) * width - offsets[1:]  # (rows,)
+    out.reshape(-1)[np.repeat(shift, lengths) + np.arange(flat.size)] = flat
     return out
 
 
