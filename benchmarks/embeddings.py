@@ -214,54 +214,46 @@ def _cell(runs: list[dict[str, Any]]) -> tuple[float, str] | None:
 
 def report() -> str:
     """Markdown: test AUC of DIN per data set and table (mean ± half the range over seeds), the tuned table's
-    margin over the organisers' recipe with the seed noise of both, and the share of the gap from the
-    organisers' recipe to the true-latent ceiling that tuning closes."""
+    margin over the organisers' recipe with the seed noise of both, the share of the gap from the organisers'
+    recipe to the true-latent ceiling that tuning closes, and the lift over chance as a share of the
+    oracle's of organisers / tuned / ceiling."""
     shown = [t for t in TABLES if t != "generated"]
     lines = ["| data set | oracle | " + " | ".join(f"`{t}`" for t in shown)
-             + " | tuned − organisers | noise (half range, tuned / organisers) | gap to ceiling closed |",
-             "|---|---|" + "---|" * len(shown) + "---|---|---|"]
+             + " | tuned − organisers | noise (half range: tuned / organisers) | gap to ceiling closed "
+             "| lift: organisers / tuned / ceiling |",
+             "|---|---|" + "---|" * len(shown) + "---|---|---|---|"]
     margins = []
     for dataset in SUITE:
         path = RESULTS / f"{dataset.name}_{SIZE}.json"
         if not path.is_file():
             continue
         record = json.loads(path.read_text())
+        oracle = record["oracle_test_auc"]
         runs = {t: [r for r in record["runs"] if r["table"] == t] for t in TABLES}
         cells = {t: _cell(runs[t]) for t in shown}
-        row = [dataset.name, f"{record['oracle_test_auc']:.4f}"]
-        row += [cell[1] if cell else "" for cell in cells.values()]
+        row = [dataset.name, f"{oracle:.4f}"] + [cell[1] if cell else "" for cell in cells.values()]
         organisers, tuned, ceiling = cells["organisers"], cells["tuned"], cells["true_latents"]
         if organisers and tuned:
             margin = tuned[0] - organisers[0]
             margins.append(margin)
-
-            def half_range(rs: list[dict[str, Any]]) -> float:
-                return (max(r["test_auc"] for r in rs) - min(r["test_auc"] for r in rs)) / 2
-
-            noise = f"{half_range(runs['tuned']):.4f} / {half_range(runs['organisers']):.4f}"
-            row += [f"{margin:+.4f}", noise]
+            noise = f"{_half_range(runs['tuned']):.4f} / {_half_range(runs['organisers']):.4f}"
             gap = ceiling[0] - organisers[0] if ceiling else None
-            row.append(f"{100 * margin / gap:.0f}%" if gap and gap > 0 else "")
+            row += [f"{margin:+.4f}", noise, f"{100 * margin / gap:.0f}%" if gap and gap > 0 else ""]
         else:
             row += ["", "", ""]
+        row.append(" / ".join("–" if cell is None else f"{100 * lift(cell[0], oracle):.1f}%"
+                              for cell in (organisers, tuned, ceiling)))
         lines.append("| " + " | ".join(row) + " |")
     text = "\n".join(lines)
     if margins:
-        text += (f"\n\nMean margin of `tuned` over `organisers` across {len(margins)} data sets: "
+        text += (f"\n\nMean margin of `tuned` over `organisers` across {len(margins)} data set(s): "
                  f"{statistics.mean(margins):+.4f} AUC.")
-    lifts = []
-    for dataset in SUITE:
-        path = RESULTS / f"{dataset.name}_{SIZE}.json"
-        if path.is_file():
-            record = json.loads(path.read_text())
-            for t in ("organisers", "tuned", "true_latents"):
-                aucs = [r["test_auc"] for r in record["runs"] if r["table"] == t]
-                if aucs:
-                    share = lift(statistics.mean(aucs), record["oracle_test_auc"])
-                    lifts.append(f"{dataset.name} `{t}` {100 * share:.1f}%")
-    if lifts:
-        text += " Lift over chance as a share of the oracle's: " + ", ".join(lifts) + "."
     return text
+
+
+def _half_range(runs: list[dict[str, Any]]) -> float:
+    aucs = [r["test_auc"] for r in runs]
+    return (max(aucs) - min(aucs)) / 2
 
 
 def write_readme_block(table: str) -> None:
