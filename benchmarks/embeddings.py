@@ -236,7 +236,7 @@ def report() -> str:
         if organisers and tuned:
             margin = tuned[0] - organisers[0]
             margins.append(margin)
-            noise = f"{_half_range(runs['tuned']):.4f} / {_half_range(runs['organisers']):.4f}"
+            noise = f"{_half_range(runs['tuned'])} / {_half_range(runs['organisers'])}"
             gap = ceiling[0] - organisers[0] if ceiling else None
             row += [f"{margin:+.4f}", noise, f"{100 * margin / gap:.0f}%" if gap and gap > 0 else ""]
         else:
@@ -251,9 +251,10 @@ def report() -> str:
     return text
 
 
-def _half_range(runs: list[dict[str, Any]]) -> float:
+def _half_range(runs: list[dict[str, Any]]) -> str:
+    """Half the range of the runs' test AUCs; "–" for a single seed (no noise measured)."""
     aucs = [r["test_auc"] for r in runs]
-    return (max(aucs) - min(aucs)) / 2
+    return f"{(max(aucs) - min(aucs)) / 2:.4f}" if len(aucs) > 1 else "–"
 
 
 def write_readme_block(table: str) -> None:
