@@ -170,3 +170,13 @@ def test_read_histories_streams_distinct_histories_in_file_order(tmp_path: Path)
     expected = np.array([[0, 0, 0, 5, 6], [0, 0, 1, 0, 2], [3, 4, 5, 6, 7], [0, 0, 0, 8, 8]])
     for batch_rows in (1, 2, 4, 100):
         np.testing.assert_array_equal(read_histories(path, batch_rows=batch_rows), expected)
+
+
+def test_read_histories_names_a_column_of_the_wrong_type(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"item_seq": pa.array(["1 2 3", "4 5"])}), path)
+    with pytest.raises(QinError, match=r"train\.parquet: column item_seq must be a list of integer item ids"):
+        read_histories(path)

@@ -215,9 +215,14 @@ def read_histories(train: Path, batch_rows: int = HISTORY_BATCH_ROWS) -> np.ndar
     random linear 64-bit hashes of their left-padded ids both agree: a false match needs both to collide,
     with probability below 1e-25 for the challenge's 3.6M rows.
     """
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     check_columns(train, [ITEM_SEQ])
+    column_type = pq.read_schema(train).field(ITEM_SEQ).type
+    if not (pa.types.is_list(column_type) or pa.types.is_large_list(column_type)) \
+            or not pa.types.is_integer(column_type.value_type):
+        raise QinError(f"{train}: column {ITEM_SEQ} must be a list of integer item ids, not {column_type}")
     # (2, MAX) odd 64-bit weights; a history of width w uses the last w columns, so the zeros of left padding
     # add nothing and a history hashes alike in blocks of any width.
     weights = np.random.default_rng(0).integers(0, 2**63, size=(2, MAX_HISTORY_LENGTH), dtype=np.uint64)
@@ -266,8 +271,6 @@ def _padded_block(column: Any) -> np.ndarray:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
     if column.null_count:
         column = pc.if_else(pc.is_null(column), pa.scalar([], type=column.type), column)
     offsets = column.offsets.to_numpy().astype(np.int64)  # (rows + 1,)
