@@ -281,7 +281,8 @@ def cmd_fit(args: argparse.Namespace) -> dict[str, Any]:
 ZOO_CONFIGS = {"qin": REFERENCE, "qin_plus": ROOT / "configs" / "qin_plus.yaml",
                "din": ROOT / "configs" / "din.yaml", "dcnv2": ROOT / "configs" / "dcnv2.yaml",
                "dlf": ROOT / "configs" / "dlf.yaml", "din_sa": ROOT / "configs" / "din_sa.yaml",
-               "transformer_dcn": ROOT / "configs" / "transformer_dcn.yaml"}
+               "transformer_dcn": ROOT / "configs" / "transformer_dcn.yaml",
+               "transformer_dcn_lowrank": ROOT / "configs" / "transformer_dcn_lowrank.yaml"}
 
 
 def cmd_zoo_speed(args: argparse.Namespace) -> dict[str, Any]:

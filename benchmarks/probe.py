@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 from benchlib import write_json
 from rich.console import Console
 from suite import MODELS, SUITE, WORK, draw, model_config, test_truth
@@ -49,7 +50,7 @@ def main() -> None:
     for override in args.overrides:
         key, _, value = override.partition("=")
         section, _, name = key.partition(".")
-        cfg = cfg.replace(section, **{name: value})
+        cfg = cfg.replace(section, **{name: yaml.safe_load(value)})  # read as the CLI's --set reads it
     feature_dir = feature_dir_for(Path(cfg.data.features_root), raw_dir, cfg.data.max_len, None)
     built = build_features(raw_dir, feature_dir, cfg.data.max_len, progress=False)
     features = load_features(built.feature_dir)

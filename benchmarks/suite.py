@@ -8,19 +8,19 @@ Data sets (`SUITE`): `qin synth` at several knob settings and `qin synth --proce
 generator with long-tail items, id-only co-occurrence, weak content vectors, drifting interests, label
 noise and short histories. Each is drawn once per size (seed 0) under benchmarks/work/suite/.
 
-Every model trains with the same budget (configs/budget.yaml with `model.name` set, and for
-`qnn_alpha` the bounded tower of configs/qnn_alpha.yaml; `qin_plus` is
-configs/qin_plus.yaml over the same budget; the zoo models `dcnv2`, `dlf` and `transformer_dcn` are their
-configs/<name>.yaml with the budget's own keys laid over them, `transformer_dcn_as_published` the same with
-the published mask bug, and `din_sa` the budget with `model.name` set, as `din`), selects its checkpoint on
-validation AUC, and is scored on the
-TEST split, whose labels and true click probabilities the generator keeps in hidden/: so the reported
-AUC is not the one the checkpoint was picked on. Beside it: the oracle's test AUC, the lift over chance
-as a share of the oracle's, (AUC - .5) / (oracle - .5), test logloss against the base rate's, epochs and
-seconds; and the test GAUC (per-user AUC weighted by the user's rows), normalised entropy (logloss over the
-entropy of the test click rate) and calibration ratio (predicted over observed clicks), with the oracle's
-GAUC and NE (qin/metrics.py has the definitions). The baseline ladder (qin/baselines.py) is fitted on train
-and scored on the same test rows (AUC and logloss only).
+Every model trains with the same budget (configs/budget.yaml with `model.name` set, and for `qnn_alpha` the
+bounded tower of configs/qnn_alpha.yaml; `qin_plus` is configs/qin_plus.yaml over the same budget; the zoo
+models `dcnv2`, `dlf` and `transformer_dcn` are their configs/<name>.yaml with the budget's own keys laid over
+them, `transformer_dcn_as_published` the same with the published mask bug, `transformer_dcn_lowrank` its
+low-rank cross at the budget's learning rate (configs/transformer_dcn_lowrank.yaml), and `din_sa` the budget
+with `model.name` set, as `din`), selects its checkpoint on validation AUC, and is scored on the TEST split,
+whose labels and true click probabilities the generator keeps in hidden/: so the reported AUC is not the one
+the checkpoint was picked on. Beside it: the oracle's test AUC, the lift over chance as a share of the
+oracle's, (AUC - .5) / (oracle - .5), test logloss against the base rate's, epochs and seconds; and the test
+GAUC (per-user AUC weighted by the user's rows), normalised entropy (logloss over the entropy of the test
+click rate) and calibration ratio (predicted over observed clicks), with the oracle's GAUC and NE
+(qin/metrics.py has the definitions). The baseline ladder (qin/baselines.py) is fitted on train and scored on
+the same test rows (AUC and logloss only).
 
 Results accumulate in benchmarks/results/suite/<data set>_<size>.json (one record per model and seed,
 keyed by the run's config, so an interrupted suite resumes where it stopped) and the tables go to
@@ -82,13 +82,14 @@ SUITE = [
             "and item biases, content vectors twice as noisy"),
 ]
 MODELS = ["mean_pool_mlp", "qin", "din", "qnn_alpha", "qin_plus", "dcnv2", "dlf", "din_sa", "transformer_dcn",
-          "transformer_dcn_as_published"]
+          "transformer_dcn_as_published", "transformer_dcn_lowrank"]
 SIZES = ["small", "bench"]
 # The model zoo (configs/<name>.yaml): each model's own keys (its structure, its loss form, a published
 # learning rate) with configs/budget.yaml's own keys laid over them, so every model gets the budget's
 # embedding width, batch size, epochs and patience.
 ZOO = {"dcnv2": "dcnv2", "dlf": "dlf", "transformer_dcn": "transformer_dcn",
-       "transformer_dcn_as_published": "transformer_dcn"}
+       "transformer_dcn_as_published": "transformer_dcn",
+       "transformer_dcn_lowrank": "transformer_dcn_lowrank"}
 
 
 def model_config(model: str, raw_dir: Path, seed: int, threads: int | None = None) -> Config:

@@ -193,7 +193,11 @@ class ModelConfig(_Section):
                            "the published tower.")
     cross_layers: StrictInt = Field(
         3, ge=1, description="dcnv2 / transformer_dcn: layers of the cross network v2 (full-rank W per "
-                             "layer); its DNN beside it is mlp_hidden.")
+                             "layer unless cross_rank is set); its DNN beside it is mlp_hidden.")
+    cross_rank: StrictInt = Field(
+        0, ge=0, description="dcnv2 / transformer_dcn: 0 = full-rank cross layers W_l (D x D, as "
+                             "published) | r > 0 = the DCNv2 paper's low-rank cross W_l = U_l V_l^T (D x r "
+                             "each), 2 D r instead of D^2 weights per layer.")
     transformer_mask: TransformerMask = Field(
         TransformerMask.correct,
         description="transformer_dcn: correct = the key padding mask is True on padding slots | "

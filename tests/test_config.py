@@ -144,8 +144,8 @@ FIELD_ORDER = {
     "data": "raw_dir item_info features_root max_len mm_normalize",
     "model": "name embedding_dim num_layers num_row num_heads net_dropout batch_norm attention_dim "
              "mlp_hidden din_attention_hidden din_attention_dropout unique_items bce level_zero "
-             "qnn_alpha_bounded cross_layers transformer_mask dlf_layers dlf_tokens dlf_rank dlf_hidden "
-             "dlf_heads",
+             "qnn_alpha_bounded cross_layers cross_rank transformer_mask dlf_layers dlf_tokens dlf_rank "
+             "dlf_hidden dlf_heads",
     "train": "learning_rate batch_size embedding_regularizer regularization net_regularizer epochs "
              "patience lr_decay_factor min_lr min_delta max_grad_norm warmup_steps eval_steps "
              "eval_batch_size seed device bf16 cpu_bf16 compile threads max_steps max_loss run_root "

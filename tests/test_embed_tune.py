@@ -15,7 +15,7 @@ from qin.cli import app
 from qin.embed.tune import HistoryPairs, TuneSettings, read_histories, tune_on_histories, tune_table
 from qin.errors import QinError
 
-FAST = TuneSettings(dim=8, steps=60, batch_size=64, hidden=16, window=2)
+FAST = TuneSettings(dim=8, steps=60, batch_size=64, hidden=16, window=2, content_share=0.5)
 
 
 def planted(n_items: int = 40, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -44,7 +44,9 @@ def test_pairs_are_real_items_within_the_window() -> None:
 
 def test_co_occurring_items_end_up_closer() -> None:
     content, histories = planted()
-    tuned = tune_table(content, histories, TuneSettings(dim=8, steps=300, batch_size=64, hidden=16))
+    # All of the vector learned (content_share 0): the content here is noise, the groups only co-occur.
+    tuned = tune_table(content, histories, TuneSettings(dim=8, steps=300, batch_size=64, hidden=16,
+                                                        content_share=0.0))
     vectors, seen = tuned.vectors, tuned.seen
     group = (np.arange(1, 41) - 1) // 10
     similarity = vectors @ vectors.T
@@ -60,12 +62,30 @@ def test_cold_items_get_their_content_only_vector() -> None:
     assert not tuned.seen[36:].any() and tuned.seen[:36].all()  # items 37..40 are cold
     np.testing.assert_array_equal(tuned.vectors[36:], tuned.content_only[36:])  # no residual at all
     assert not np.allclose(tuned.vectors[:36], tuned.content_only[:36])  # warm items moved off it
-    # The same run with a cold item's content changed: only that item's vector moves.
+    # The same run with a cold item's content changed: of the learned parts (dims 4..7), only that item's
+    # moves (the content part's principal directions are the whole table's, so they may all turn a little).
     changed = content.copy()
     changed[40] = changed[40] * 3 + 1
     again = tune_table(changed, histories, FAST)
-    np.testing.assert_array_equal(again.vectors[:39], tuned.vectors[:39])
+    np.testing.assert_array_equal(again.vectors[:39, 4:], tuned.vectors[:39, 4:])
     assert not np.allclose(again.vectors[39], tuned.vectors[39])
+
+
+def test_the_content_part_is_the_contents_principal_components_whatever_the_histories() -> None:
+    from sklearn.decomposition import PCA
+
+    content, histories = planted()
+    tuned = tune_table(content, histories, FAST)  # dim 8, content_share 0.5: 4 content dims
+    expected = PCA(n_components=4, svd_solver="full").fit_transform(content[1:].astype(np.float64))
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    part = tuned.vectors[:, :4] / np.sqrt(0.5)
+    signs = np.sign((part * expected).sum(axis=0))  # a principal direction's sign is arbitrary
+    np.testing.assert_allclose(part, expected * signs, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(tuned.vectors, axis=1), 1.0, atol=1e-5)  # unit norm
+    other = tune_table(content, histories[::-1].copy(), FAST)
+    np.testing.assert_array_equal(other.vectors[:, :4], tuned.vectors[:, :4])
+    with pytest.raises(QinError, match="content_share"):
+        tune_table(content, histories, TuneSettings(dim=8, content_share=0.95))
 
 
 def test_deterministic_per_seed() -> None:
@@ -135,6 +155,10 @@ def test_through_the_cli(tuned_inputs: Path) -> None:
     assert (tuned_inputs / "item_info_tuned.parquet").is_file() and "data.item_info=" in result.output
     again = runner.invoke(app, [*args, "--seed", "3"], catch_exceptions=False)  # our own table: replaced
     assert again.exit_code == 0, again.output
+    half = runner.invoke(app, [*args, "--content-share", "0.5"], catch_exceptions=False)
+    assert half.exit_code == 0, half.output
+    too_much = runner.invoke(app, [*args, "--content-share", "1"], catch_exceptions=False)
+    assert too_much.exit_code == 2 and "content_share" in too_much.output
     refused = runner.invoke(app, [*args, "--from", "content"], catch_exceptions=False)
     assert refused.exit_code == 2 and "--from" in refused.output
     stray = runner.invoke(app, ["embed", "--data", str(tuned_inputs), "--tune-steps", "5"],

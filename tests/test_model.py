@@ -571,10 +571,35 @@ def test_cross_network_v2_by_hand() -> None:
     assert cross(x0).tolist() == x2.tolist() == [[7.0, 171.0]]
 
 
+def test_low_rank_cross_is_the_full_cross_with_w_equal_u_v_transposed() -> None:
+    from qin.model.dcnv2 import CrossNetV2
+
+    torch.manual_seed(0)
+    low = CrossNetV2(width=6, num_layers=2, rank=2)
+    full = CrossNetV2(width=6, num_layers=2)
+    for factored, linear in zip(low.layers, full.layers, strict=True):
+        down, up = factored  # V^T (r x D, no bias), U (D x r) and b
+        with torch.no_grad():
+            linear.weight.copy_(up.weight @ down.weight)  # W = U V^T
+            linear.bias.copy_(up.bias)
+    x0 = torch.randn(4, 6)
+    torch.testing.assert_close(low(x0), full(x0))
+    assert sum(p.numel() for p in low.parameters()) == 2 * (2 * 6 * 2 + 6)  # 2 D r + D per layer
+
+
+def test_dcnv2_low_rank_parameter_count_by_hand() -> None:
+    d_e, rank = 8, 4
+    width = 2 * d_e + 2 * (3 * d_e)  # D = 64
+    full = sum(p.numel() for p in tiny_model(ModelName.dcnv2).parameters())
+    low = sum(p.numel() for p in tiny_model(ModelName.dcnv2, cross_rank=rank).parameters())
+    assert full - low == 3 * (width * width - 2 * width * rank)  # only the cross weights change
+
+
 @pytest.mark.parametrize(("name", "changes"), [
     (ModelName.dcnv2, {}),
     (ModelName.transformer_dcn, {}),
     (ModelName.transformer_dcn, {"transformer_mask": TransformerMask.as_published}),
+    (ModelName.transformer_dcn, {"cross_rank": 4}),
     (ModelName.din_sa, {}),
     (ModelName.dlf, {}),
     (ModelName.dlf, {"dlf_layers": 1, "dlf_tokens": 2}),  # one layer, 8 tokens in and out: no token maps

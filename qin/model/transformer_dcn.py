@@ -83,7 +83,8 @@ class TransformerDCN(CTRModel):
         self.transformer = HistoryTransformer(width, num_layers, num_heads, ffn_dim, cfg.net_dropout,
                                               cfg.transformer_mask)
         head_width = self.embedding.fields_dim + item_dim + last_k * width + width  # X
-        self.dcn = DCNv2Block(head_width, cfg.cross_layers, cfg.mlp_hidden, cfg.net_dropout, cfg.batch_norm)
+        self.dcn = DCNv2Block(head_width, cfg.cross_layers, cfg.cross_rank, cfg.mlp_hidden, cfg.net_dropout,
+                              cfg.batch_norm)
         self.top = MLP(self.dcn.output_dim, list(top_hidden), 1, Activation.relu, cfg.net_dropout,
                        cfg.batch_norm)
         init_weights(self)
