@@ -172,6 +172,8 @@ def principal_content(content: np.ndarray, dims: int) -> np.ndarray:
 
     (N + 1, C) -> (N + 1, dims) float32; row 0 (padding) stays zero.
     """
+    if dims == 0:
+        return np.zeros((content.shape[0], 0), dtype=np.float32)
     items = content[1:].astype(np.float64)  # (N, C)
     centred = items - items.mean(axis=0)
     _, _, directions = np.linalg.svd(centred, full_matrices=False)  # (min(N, C), C), by variance
