@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 from benchlib import write_json
 from rich.console import Console
 from suite import MODELS, SUITE, WORK, draw, model_config, test_truth
@@ -46,11 +45,7 @@ def main() -> None:
     dataset = next(d for d in SUITE if d.name == args.dataset)
     data_root = draw(dataset, "small", console)
     raw_dir = data_root / "MicroLens_1M_x1"
-    cfg = model_config(args.model, raw_dir, args.seed, args.threads)
-    for override in args.overrides:
-        key, _, value = override.partition("=")
-        section, _, name = key.partition(".")
-        cfg = cfg.replace(section, **{name: yaml.safe_load(value)})  # read as the CLI's --set reads it
+    cfg = model_config(args.model, raw_dir, args.seed, args.threads, args.overrides)
     feature_dir = feature_dir_for(Path(cfg.data.features_root), raw_dir, cfg.data.max_len, None)
     built = build_features(raw_dir, feature_dir, cfg.data.max_len, progress=False)
     features = load_features(built.feature_dir)

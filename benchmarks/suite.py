@@ -37,6 +37,7 @@ import json
 import math
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -92,21 +93,23 @@ ZOO = {"dcnv2": "dcnv2", "dlf": "dlf", "transformer_dcn": "transformer_dcn",
        "transformer_dcn_lowrank": "transformer_dcn_lowrank"}
 
 
-def model_config(model: str, raw_dir: Path, seed: int, threads: int | None = None) -> Config:
+def model_config(model: str, raw_dir: Path, seed: int, threads: int | None = None,
+                 overrides: Sequence[str] = ()) -> Config:
     """The suite's config of one model: the common budget with `model.name` set (qin_plus: its own yaml,
-    over the same budget; the zoo: its yaml under the budget's own keys)."""
+    over the same budget; the zoo: its yaml under the budget's own keys). `overrides` (section.key=value,
+    read as `--set` reads them) come last, so they win (benchmarks/probe.py)."""
     paths = [f"data.raw_dir={raw_dir}", f"data.features_root={WORK / 'features'}",
              f"train.run_root={WORK / 'runs'}", f"train.seed={seed}",
              f"train.threads={'null' if threads is None else threads}"]
     if model == "qin_plus":
-        return Config.from_yaml(QIN_PLUS, paths)
+        return Config.from_yaml(QIN_PLUS, [*paths, *overrides])
     if model in ZOO:
         if model == "transformer_dcn_as_published":
             paths.append("model.transformer_mask=as_published")
-        return Config.from_yaml([ROOT / "configs" / f"{ZOO[model]}.yaml", BUDGET], paths)
+        return Config.from_yaml([ROOT / "configs" / f"{ZOO[model]}.yaml", BUDGET], [*paths, *overrides])
     if model == "qnn_alpha":  # as configs/qnn_alpha.yaml trains it: the bounded tower
         paths.append("model.qnn_alpha_bounded=true")
-    return Config.from_yaml(BUDGET, [*paths, f"model.name={model}"])
+    return Config.from_yaml(BUDGET, [*paths, f"model.name={model}", *overrides])
 
 
 def draw(dataset: DataSet, size: str, console: Console) -> Path:

@@ -47,6 +47,7 @@ from qin.embed.tables import (
     vector_column,
     write_item_table,
 )
+from qin.embed.vectors import l2_normalise, pca_reduce
 from qin.errors import QinError
 from qin.features.raw import ITEM_EMB, ITEM_SEQ
 
@@ -168,23 +169,18 @@ def info_nce(anchors: torch.Tensor, partners: torch.Tensor, temperature: float) 
 
 def principal_content(content: np.ndarray, dims: int) -> np.ndarray:
     """normalise(P c_i) for every row: the content vectors, centred, on their top `dims` principal directions
-    (computed over items 1..N). A table narrower than `dims` leaves the missing directions at zero.
+    (computed over items 1..N, `pca_reduce`). A table narrower than `dims` leaves the missing directions at
+    zero.
 
     (N + 1, C) -> (N + 1, dims) float32; row 0 (padding) stays zero.
     """
+    out = np.zeros((content.shape[0], dims), dtype=np.float32)
     if dims == 0:
-        return np.zeros((content.shape[0], 0), dtype=np.float32)
-    items = content[1:].astype(np.float64)  # (N, C)
-    centred = items - items.mean(axis=0)
-    _, _, directions = np.linalg.svd(centred, full_matrices=False)  # (min(N, C), C), by variance
-    # An SVD's signs are arbitrary; fix each direction's so its largest loading is positive (reproducible).
-    largest = np.abs(directions).argmax(axis=1)
-    directions *= np.sign(directions[np.arange(directions.shape[0]), largest])[:, None]
-    projected = centred @ directions[:dims].T  # (N, min(dims, C, N))
-    out = np.zeros((content.shape[0], dims), dtype=np.float64)
-    out[1:, : projected.shape[1]] = projected
-    norms = np.linalg.norm(out, axis=1, keepdims=True)
-    return (out / np.maximum(norms, 1e-12)).astype(np.float32)
+        return out
+    items = content[1:]  # (N, C)
+    kept = min(dims, *items.shape)
+    out[1:, :kept] = l2_normalise(pca_reduce(items, kept).vectors)
+    return out
 
 
 @dataclass(frozen=True)
