@@ -40,6 +40,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -155,10 +156,44 @@ def make_table(table: str, dataset: DataSet, data_root: Path, tables_dir: Path) 
     return out, facts
 
 
-def run_dataset(dataset: DataSet, tables: list[str], seeds: list[int], threads: int | None,
-                console: Console) -> None:
+def din_config(raw_dir: Path, item_table: Path, work: Path, seed: int, threads: int | None) -> Config:
+    """configs/task1_din.yaml on a data set and an item table (the data's own item_info when `item_table` is
+    it), its runs under `work`/runs."""
+    item_info = None if item_table == raw_dir / "item_info.parquet" else item_table
+    return Config.from_yaml(CONFIG, [
+        f"data.raw_dir={raw_dir}", f"data.features_root={WORK / 'features'}",
+        f"data.item_info={'null' if item_info is None else item_info}", f"train.run_root={work / 'runs'}",
+        f"train.seed={seed}", f"train.threads={'null' if threads is None else threads}"])
+
+
+@dataclass(frozen=True)
+class ScoredRun:
+    fit: Any  # qin.train.FitResult
+    ids: np.ndarray  # (n,) test row IDs, in the order of the arrays below
+    labels: np.ndarray  # (n,) test labels
+    p_true: np.ndarray  # (n,) the generator's click probabilities
+    probabilities: np.ndarray  # (n,) the trained DIN's
+
+
+def train_din(data_root: Path, item_table: Path, work: Path, seed: int, threads: int | None, run_dir: Path,
+              console: Console) -> ScoredRun:
+    """Train the Task-1 DIN on one item table, pick its checkpoint on validation AUC, score the test rows."""
     from qin.train import fit
 
+    raw_dir = data_root / "MicroLens_1M_x1"
+    cfg = din_config(raw_dir, item_table, work, seed, threads)
+    item_info = None if item_table == raw_dir / "item_info.parquet" else item_table
+    feature_dir = feature_dir_for(WORK / "features", raw_dir, cfg.data.max_len, item_info)
+    built = build_features(raw_dir, feature_dir, cfg.data.max_len, item_info=item_info, progress=False)
+    features = load_features(built.feature_dir)
+    ids = np.asarray(features.split("test").ids)
+    labels, p_true = test_truth(data_root, ids)
+    result = fit(cfg, features, run_dir, console=console, progress=False)
+    return ScoredRun(result, ids, labels, p_true, score_split(load_run(run_dir), "test"))
+
+
+def run_dataset(dataset: DataSet, tables: list[str], seeds: list[int], threads: int | None,
+                console: Console) -> None:
     data_root = draw(dataset, SIZE, console)
     raw_dir = data_root / "MicroLens_1M_x1"
     work = WORK / "task1" / f"{dataset.name}-{SIZE}"
@@ -168,30 +203,19 @@ def run_dataset(dataset: DataSet, tables: list[str], seeds: list[int], threads: 
             continue
         path, facts = make_table(table, dataset, data_root, work / "tables")
         for seed in seeds:
-            item_info = None if path == raw_dir / "item_info.parquet" else path
-            cfg = Config.from_yaml(CONFIG, [
-                f"data.raw_dir={raw_dir}", f"data.features_root={WORK / 'features'}",
-                f"data.item_info={'null' if item_info is None else item_info}",
-                f"train.run_root={work / 'runs'}",
-                f"train.seed={seed}", f"train.threads={'null' if threads is None else threads}"])
-            key = config_key(cfg.replace("data", item_info=None))
+            key = config_key(din_config(raw_dir, path, work, seed, threads).replace("data", item_info=None))
             stored = json.loads(result_path.read_text())["runs"] if result_path.is_file() else []
             if any(r["table"] == table and r["seed"] == seed and r["config_key"] == key for r in stored):
                 continue
-            feature_dir = feature_dir_for(WORK / "features", raw_dir, cfg.data.max_len, item_info)
-            built = build_features(raw_dir, feature_dir, cfg.data.max_len, item_info=item_info,
-                                   progress=False)
-            features = load_features(built.feature_dir)
-            labels, p_true = test_truth(data_root, np.asarray(features.split("test").ids))
-            run_dir = work / "runs" / f"{table}-s{seed}"
             started = time.perf_counter()
-            result = fit(cfg, features, run_dir, console=console, progress=False)
-            probabilities = score_split(load_run(run_dir), "test")
+            run_dir = work / "runs" / f"{table}-s{seed}"
+            scored = train_din(data_root, path, work, seed, threads, run_dir, console)
             row = {"table": table, "seed": seed, "config_key": key, "item_table": str(path),
-                   "valid_auc": result.valid_auc, "test_auc": auc(labels, probabilities),
-                   "test_logloss": logloss(labels, probabilities), "best_epoch": result.best_epoch,
-                   "epochs_run": result.epochs_run, "seconds": round(time.perf_counter() - started, 1),
-                   **facts}
+                   "valid_auc": scored.fit.valid_auc, "test_auc": auc(scored.labels, scored.probabilities),
+                   "test_logloss": logloss(scored.labels, scored.probabilities),
+                   "best_epoch": scored.fit.best_epoch, "epochs_run": scored.fit.epochs_run,
+                   "seconds": round(time.perf_counter() - started, 1), **facts}
+            labels, p_true = scored.labels, scored.p_true
             stored = json.loads(result_path.read_text())["runs"] if result_path.is_file() else []
             record = {"benchmark": "task1_embeddings", "dataset": dataset.name, "size": SIZE,
                       "what": dataset.what, "generator_params": list(dataset.params),
