@@ -21,7 +21,9 @@ benchmarks/embeddings.py's `make_table`), and variants of `tuned` built here fro
   its two parts (an approximation of it that needs no new tuning);
 * tuned_coldknn: warm items as tuned; a cold item gets the normalised mean of the tuned vectors of its
   10 nearest warm items by content cosine (a vector like the warm ones DIN trained on) instead of its
-  content through the tuned head.
+  content through the tuned head;
+* tuned_coldzero: warm items as tuned, cold items all zero (what DIN's multimodal projection maps to 0: the
+  row falls back on ids, tags and levels).
 
 Results: benchmarks/results/task1_segments/<data set>_small.json (one row per table and seed; re-run to
 add), and the markdown table docs/quality.md quotes goes to benchmarks/results/task1_segments_<data set>.md.
@@ -57,7 +59,7 @@ from qin.metrics import auc  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "task1_segments"
 BASE_TABLES = ("organisers", "tuned", "true_latents")
-VARIANTS = ("tuned_pop", "tuned_content16", "tuned_content32", "tuned_coldknn")
+VARIANTS = ("tuned_pop", "tuned_content16", "tuned_content32", "tuned_coldknn", "tuned_coldzero")
 SEGMENTS = ("all", "cold", "series_mate", "rest")
 
 
@@ -82,18 +84,20 @@ def make_variant(variant: str, tuned: Path, content: Path, train: Path, out: Pat
         channel[warm] = (log_counts - log_counts.mean()) / log_counts.std()
         table[1:, :127] = l2_normalise(pca_reduce(vectors[1:], 127).vectors)
         table[1:, 127] = 0.3 * channel[1:]
-    elif variant == "tuned_coldknn":
+    elif variant in ("tuned_coldknn", "tuned_coldzero"):
         histories = read_histories(train)
         warm = np.zeros(vectors.shape[0], dtype=bool)
         warm[np.unique(histories)] = True
         warm[0] = False
         cold = ~warm
         cold[0] = False
-        content_unit = l2_normalise(table_vectors(content))
-        similarity = content_unit[cold] @ content_unit[warm].T  # (cold, warm)
-        nearest = np.argsort(-similarity, axis=1)[:, :10]
         table[:] = vectors
-        table[cold] = l2_normalise(vectors[warm][nearest].mean(axis=1))
+        table[cold] = 0
+        if variant == "tuned_coldknn":
+            content_unit = l2_normalise(table_vectors(content))
+            similarity = content_unit[cold] @ content_unit[warm].T  # (cold, warm)
+            nearest = np.argsort(-similarity, axis=1)[:, :10]
+            table[cold] = l2_normalise(vectors[warm][nearest].mean(axis=1))
     else:
         k = int(variant.removeprefix("tuned_content"))
         share = np.sqrt(k / 128)
