@@ -69,9 +69,8 @@ def table_vectors(path: Path) -> np.ndarray:
 
 
 def make_variant(variant: str, tuned: Path, content: Path, train: Path, out: Path) -> Path:
-    """Write a variant of the tuned table (see the module docstring) to `out`, once."""
-    if out.is_file():
-        return out
+    """Write a variant of the tuned table (see the module docstring) to `out` (rebuilt every run, in
+    seconds, so it always follows the tuned table on disk; the feature folder is keyed by its content)."""
     vectors = table_vectors(tuned)
     table = np.zeros_like(vectors)
     if variant == "tuned_pop":
@@ -111,7 +110,12 @@ def segments(dataset: DataSet, data_root: Path, ids: np.ndarray) -> dict[str, np
     """(n,) bool masks of the test rows (in `ids` order) per segment, from the generator's redrawn truth."""
     from qin.loggen import LogSize, draw_logs, log_params_with
 
-    truth = draw_logs(LogSize(SIZE), seed=0, params=log_params_with(list(dataset.params))).items
+    drawn = draw_logs(LogSize(SIZE), seed=0, params=log_params_with(list(dataset.params)))
+    stored = table_vectors(data_root / "MicroLens_1M_x1" / "item_info.parquet")
+    if not np.allclose(stored[1:], drawn.item_emb[1:], atol=1e-5):
+        raise SystemExit(f"{data_root}: the redrawn generator's item_emb_d128 differs from the data on disk; "
+                         "delete the suite's data folder so it is drawn again")
+    truth = drawn.items
     test = pl.read_parquet(data_root / "MicroLens_1M_x1" / "test.parquet").sort("ID")
     if not np.array_equal(test["ID"].to_numpy(), ids):
         raise SystemExit(f"{data_root}: test.parquet's IDs differ from the feature folder's test rows")
