@@ -60,6 +60,7 @@ from qin.features.folder import feature_dir_for  # noqa: E402
 from qin.features.io import load_features  # noqa: E402
 from qin.features.pipeline import build_features  # noqa: E402
 from qin.features.raw import ITEM_EMB  # noqa: E402
+from qin.loggen import LogDraw  # noqa: E402
 from qin.metrics import auc, logloss  # noqa: E402
 from qin.predict import load_run, score_split  # noqa: E402
 
@@ -91,9 +92,10 @@ def zero_table(item_info: Path, out: Path) -> None:
     write_item_table(info, np.zeros((info.height - 1, 128), dtype=np.float32), out)
 
 
-def log_latents(dataset: DataSet, item_info: Path) -> np.ndarray:
-    """(N, 128) true item latents of a log-like data set, redrawn from its recorded parameters (seed 0, as
-    suite.draw drew it); checked against the drawn item_info so a changed generator cannot go unnoticed."""
+def redraw_logs(dataset: DataSet, item_info: Path) -> LogDraw:
+    """The log-like data set's generator state, redrawn from its recorded parameters
+    (seed 0, as suite.draw drew it); checked against the drawn item_info so a changed generator cannot go
+    unnoticed."""
     from qin.loggen import LogSize, draw_logs, log_params_with
 
     drawn = draw_logs(LogSize(SIZE), seed=0, params=log_params_with(list(dataset.params)))
@@ -102,6 +104,12 @@ def log_latents(dataset: DataSet, item_info: Path) -> np.ndarray:
     if not np.allclose(stored, drawn.item_emb[1:], atol=1e-5):
         raise SystemExit(f"{item_info}: the redrawn generator's item_emb_d128 differs from the data on disk; "
                          "delete the suite's data folder so it is drawn again")
+    return drawn
+
+
+def log_latents(dataset: DataSet, item_info: Path) -> np.ndarray:
+    """(N, 128) true item latents of a log-like data set (`redraw_logs`)."""
+    drawn = redraw_logs(dataset, item_info)
     items = drawn.items
     n_series = int(items.series.max()) + 1
     codes = np.random.default_rng(0).standard_normal((n_series, 32))
@@ -156,10 +164,14 @@ def make_table(table: str, dataset: DataSet, data_root: Path, tables_dir: Path) 
     return out, facts
 
 
+def item_info_override(raw_dir: Path, item_table: Path) -> Path | None:
+    """`data.item_info` for an item table: none when it is the data's own item_info."""
+    return None if item_table == raw_dir / "item_info.parquet" else item_table
+
+
 def din_config(raw_dir: Path, item_table: Path, work: Path, seed: int, threads: int | None) -> Config:
-    """configs/task1_din.yaml on a data set and an item table (the data's own item_info when `item_table` is
-    it), its runs under `work`/runs."""
-    item_info = None if item_table == raw_dir / "item_info.parquet" else item_table
+    """configs/task1_din.yaml on a data set and an item table, its runs under `work`/runs."""
+    item_info = item_info_override(raw_dir, item_table)
     return Config.from_yaml(CONFIG, [
         f"data.raw_dir={raw_dir}", f"data.features_root={WORK / 'features'}",
         f"data.item_info={'null' if item_info is None else item_info}", f"train.run_root={work / 'runs'}",
@@ -182,7 +194,7 @@ def train_din(data_root: Path, item_table: Path, work: Path, seed: int, threads:
 
     raw_dir = data_root / "MicroLens_1M_x1"
     cfg = din_config(raw_dir, item_table, work, seed, threads)
-    item_info = None if item_table == raw_dir / "item_info.parquet" else item_table
+    item_info = item_info_override(raw_dir, item_table)
     feature_dir = feature_dir_for(WORK / "features", raw_dir, cfg.data.max_len, item_info)
     built = build_features(raw_dir, feature_dir, cfg.data.max_len, item_info=item_info, progress=False)
     features = load_features(built.feature_dir)

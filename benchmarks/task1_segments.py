@@ -47,7 +47,7 @@ from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import write_json  # noqa: E402
-from embeddings import SIZE, WORK, make_table, train_din  # noqa: E402
+from embeddings import SIZE, WORK, make_table, redraw_logs, train_din  # noqa: E402
 from suite import SUITE, DataSet, draw  # noqa: E402
 
 from qin.embed.tables import read_item_info, write_item_table  # noqa: E402
@@ -73,23 +73,18 @@ def make_variant(variant: str, tuned: Path, content: Path, train: Path, out: Pat
     seconds, so it always follows the tuned table on disk; the feature folder is keyed by its content)."""
     vectors = table_vectors(tuned)
     table = np.zeros_like(vectors)
+    counts = np.bincount(read_histories(train).ravel(), minlength=vectors.shape[0]).astype(np.float64)
+    counts[0] = 0
+    warm = counts > 0  # (N + 1,) items in a training history; row 0 (padding) is neither warm nor cold
+    cold = ~warm
+    cold[0] = False
     if variant == "tuned_pop":
-        histories = read_histories(train)
-        counts = np.bincount(histories.ravel(), minlength=vectors.shape[0]).astype(np.float64)
-        counts[0] = 0
-        warm = counts > 0
         log_counts = np.log(counts[warm])
         channel = np.zeros(vectors.shape[0])
         channel[warm] = (log_counts - log_counts.mean()) / log_counts.std()
         table[1:, :127] = l2_normalise(pca_reduce(vectors[1:], 127).vectors)
         table[1:, 127] = 0.3 * channel[1:]
     elif variant in ("tuned_coldknn", "tuned_coldzero"):
-        histories = read_histories(train)
-        warm = np.zeros(vectors.shape[0], dtype=bool)
-        warm[np.unique(histories)] = True
-        warm[0] = False
-        cold = ~warm
-        cold[0] = False
         table[:] = vectors
         table[cold] = 0
         if variant == "tuned_coldknn":
@@ -108,13 +103,7 @@ def make_variant(variant: str, tuned: Path, content: Path, train: Path, out: Pat
 
 def segments(dataset: DataSet, data_root: Path, ids: np.ndarray) -> dict[str, np.ndarray]:
     """(n,) bool masks of the test rows (in `ids` order) per segment, from the generator's redrawn truth."""
-    from qin.loggen import LogSize, draw_logs, log_params_with
-
-    drawn = draw_logs(LogSize(SIZE), seed=0, params=log_params_with(list(dataset.params)))
-    stored = table_vectors(data_root / "MicroLens_1M_x1" / "item_info.parquet")
-    if not np.allclose(stored[1:], drawn.item_emb[1:], atol=1e-5):
-        raise SystemExit(f"{data_root}: the redrawn generator's item_emb_d128 differs from the data on disk; "
-                         "delete the suite's data folder so it is drawn again")
+    drawn = redraw_logs(dataset, data_root / "MicroLens_1M_x1" / "item_info.parquet")
     truth = drawn.items
     test = pl.read_parquet(data_root / "MicroLens_1M_x1" / "test.parquet").sort("ID")
     if not np.array_equal(test["ID"].to_numpy(), ids):
