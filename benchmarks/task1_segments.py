@@ -23,13 +23,32 @@ benchmarks/embeddings.py's `make_table`), and variants of `tuned` built here fro
   10 nearest warm items by content cosine (a vector like the warm ones DIN trained on) instead of its
   content through the tuned head;
 * tuned_coldzero: warm items as tuned, cold items all zero (what DIN's multimodal projection maps to 0: the
-  row falls back on ids, tags and levels).
+  row falls back on ids, tags and levels);
+* tuned_dropout: tuned again with `residual_dropout` 0.2 (a fifth of the batch's items lose their residual
+  for the step, so the head learns to put a content-only vector where co-occurrence puts warm items: cold
+  items' vectors spread like warm ones instead of collapsing onto the warm centre);
+* tuned_dropout_centred: tuned_dropout minus the warm items' mean vector, re-normalised (the tuned vectors
+  sit in a narrow cone, mean cosine 0.65 to their centre; centring spreads them over the sphere);
+* tuned_w1w8: two 64-d channels, each tuned on its own: window 1 (consecutive items: the hidden series) and
+  window 8 (about the whole history: taste), concatenated with weight 1/sqrt(2) each.
+
+The tuned variants (tuned_dropout, and tuned_w1w8's two channels) are tuned on first use and kept in the
+tables folder beside the benchmark's tables, like them.
 
 Results: benchmarks/results/task1_segments/<data set>_small.json (one row per table and seed; re-run to
 add), and the markdown table docs/quality.md quotes goes to benchmarks/results/task1_segments_<data set>.md.
 
+`--information` measures instead how much of the hidden item truth the tables hold, and how much of an item's
+taste its training histories can reveal at all: cross-validated ridge R^2 of the taste latent (and of log
+popularity) on each table's vectors over the warm items, the share of warm items whose cosine nearest
+neighbour is in their hidden series, and, as a yardstick no table built from histories should expect to
+pass, the same R^2 for an oracle-context estimate: each item's taste estimated as the mean, over its
+occurrences in training histories, of the mean TRUE taste of the items within `w` slots of it. Results:
+<data set>_small_information.json beside the runs, and a markdown table in task1_segments_<data set>.md.
+
     python benchmarks/task1_segments.py --dataset logs_id_heavy --tables organisers tuned --seeds 0 1
     python benchmarks/task1_segments.py --dataset logs_id_heavy --report
+    python benchmarks/task1_segments.py --dataset logs --information
 """
 
 from __future__ import annotations
@@ -51,7 +70,7 @@ from embeddings import SIZE, WORK, make_table, redraw_logs, train_din  # noqa: E
 from suite import SUITE, DataSet, draw  # noqa: E402
 
 from qin.embed.tables import read_item_info, write_item_table  # noqa: E402
-from qin.embed.tune import read_histories  # noqa: E402
+from qin.embed.tune import TuneSettings, read_histories, tune_on_histories  # noqa: E402
 from qin.embed.vectors import l2_normalise, pca_reduce  # noqa: E402
 from qin.features.raw import ITEM_EMB  # noqa: E402
 from qin.metrics import auc  # noqa: E402
@@ -59,7 +78,8 @@ from qin.metrics import auc  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "task1_segments"
 BASE_TABLES = ("organisers", "tuned", "true_latents")
-VARIANTS = ("tuned_pop", "tuned_content16", "tuned_content32", "tuned_coldknn", "tuned_coldzero")
+VARIANTS = ("tuned_pop", "tuned_content16", "tuned_content32", "tuned_coldknn", "tuned_coldzero",
+            "tuned_dropout", "tuned_dropout_centred", "tuned_w1w8")
 SEGMENTS = ("all", "cold", "series_mate", "rest")
 
 
@@ -68,10 +88,18 @@ def table_vectors(path: Path) -> np.ndarray:
     return np.stack(read_item_info(path)[ITEM_EMB].to_list()).astype(np.float64)
 
 
+def tuned_with(settings: TuneSettings, content: Path, train: Path, out: Path) -> np.ndarray:
+    """The vectors of a table tuned with `settings` (tuned into `out` on first use, then read back)."""
+    if not out.is_file():
+        tune_on_histories(content, train, out, settings, progress=False)
+    return table_vectors(out)
+
+
 def make_variant(variant: str, tuned: Path, content: Path, train: Path, out: Path) -> Path:
     """Write a variant of the tuned table (see the module docstring) to `out` (rebuilt every run, in
-    seconds, so it always follows the tuned table on disk; the feature folder is keyed by its content)."""
+    seconds, so it always follows the tables on disk; the feature folder is keyed by its content)."""
     vectors = table_vectors(tuned)
+    tables = out.parent
     table = np.zeros_like(vectors)
     counts = np.bincount(read_histories(train).ravel(), minlength=vectors.shape[0]).astype(np.float64)
     counts[0] = 0
@@ -84,6 +112,16 @@ def make_variant(variant: str, tuned: Path, content: Path, train: Path, out: Pat
         channel[warm] = (log_counts - log_counts.mean()) / log_counts.std()
         table[1:, :127] = l2_normalise(pca_reduce(vectors[1:], 127).vectors)
         table[1:, 127] = 0.3 * channel[1:]
+    elif variant in ("tuned_dropout", "tuned_dropout_centred"):
+        table[:] = tuned_with(TuneSettings(seed=0, residual_dropout=0.2), content, train,
+                              tables / "tuned_dropout_tuned.parquet")
+        if variant == "tuned_dropout_centred":
+            table[1:] = l2_normalise(table[1:] - table[warm].mean(axis=0))
+    elif variant == "tuned_w1w8":
+        for start, window in ((0, 1), (64, 8)):
+            channel = tuned_with(TuneSettings(seed=0, dim=64, window=window), content, train,
+                                 tables / f"tuned_w{window}_d64.parquet")
+            table[:, start:start + 64] = channel / np.sqrt(2)
     elif variant in ("tuned_coldknn", "tuned_coldzero"):
         table[:] = vectors
         table[cold] = 0
@@ -151,6 +189,102 @@ def run(dataset: DataSet, tables: list[str], seeds: list[int], threads: int | No
                 f"{s} {row['auc'][s]:.4f}" for s in SEGMENTS))
 
 
+def ridge_r2(vectors: np.ndarray, target: np.ndarray, folds: int = 5, penalty: float = 1.0) -> float:
+    """Cross-validated R^2 of a ridge regression (with intercept) of target (n, t) on vectors (n, D)."""
+    x = np.concatenate([vectors, np.ones((vectors.shape[0], 1))], axis=1)
+    fold = np.random.default_rng(0).permutation(x.shape[0]) % folds
+    predicted = np.zeros_like(target)
+    for f in range(folds):
+        train, held = fold != f, fold == f
+        gram = x[train].T @ x[train] + penalty * np.eye(x.shape[1])
+        weights = np.linalg.solve(gram, x[train].T @ target[train])
+        predicted[held] = x[held] @ weights
+    return float(1 - ((target - predicted) ** 2).sum() / ((target - target.mean(axis=0)) ** 2).sum())
+
+
+def series_hit(vectors: np.ndarray, series: np.ndarray) -> float:
+    """Share of rows whose cosine nearest neighbour (another row) has the same series id."""
+    unit = l2_normalise(vectors)
+    similarity = unit @ unit.T
+    np.fill_diagonal(similarity, -np.inf)
+    return float((series[similarity.argmax(axis=1)] == series).mean())
+
+
+def oracle_context_taste(histories: np.ndarray, taste: np.ndarray, window: int) -> np.ndarray:
+    """(N + 1, d) each item's mean, over its occurrences in the histories (H, L), of the mean true taste of
+    the items at most `window` slots away in that history; items never in a history (or without a
+    neighbour) get zeros."""
+    real = histories != 0
+    items = np.take_along_axis(histories, np.argsort(~real, axis=1, kind="stable"), axis=1)  # left-aligned
+    lengths = real.sum(axis=1)
+    total, count = np.zeros_like(taste), np.zeros(taste.shape[0])
+    for position in range(items.shape[1]):
+        rows = lengths > position
+        ids = items[rows, position]
+        mates, mate_count = np.zeros((ids.size, taste.shape[1])), np.zeros(ids.size)
+        for offset in range(-window, window + 1):
+            other = position + offset
+            if offset == 0 or not 0 <= other < items.shape[1]:
+                continue
+            neighbour = items[rows, other]
+            present = neighbour != 0
+            mates[present] += taste[neighbour[present]]
+            mate_count += present
+        has = mate_count > 0
+        np.add.at(total, ids[has], mates[has] / mate_count[has, None])
+        np.add.at(count, ids[has], 1)
+    return total / np.maximum(count, 1)[:, None]
+
+
+def information(dataset: DataSet, console: Console) -> dict[str, Any]:
+    """What the tables on disk hold of the hidden item truth, and the oracle-context yardstick (module
+    docstring); written to <data set>_small_information.json."""
+    data_root = draw(dataset, SIZE, console)
+    raw = data_root / "MicroLens_1M_x1"
+    truth = redraw_logs(dataset, raw / "item_info.parquet").items
+    histories = read_histories(raw / "train.parquet")
+    warm = np.zeros(truth.taste.shape[0], dtype=bool)
+    warm[np.unique(histories)] = True
+    warm[0] = False
+    occurrences = np.bincount(histories.ravel(), minlength=warm.size)[warm]
+    tables_dir = WORK / "task1" / f"{dataset.name}-{SIZE}" / "tables"
+    tables = {"organisers": raw / "item_info.parquet"}
+    tables.update({t: tables_dir / f"{t}.parquet" for t in ("tuned", *VARIANTS, "true_latents")
+                   if (tables_dir / f"{t}.parquet").is_file()})
+    rows = []
+    for name, path in tables.items():
+        vectors = table_vectors(path)[warm]
+        rows.append({"vectors": name, "taste_r2": ridge_r2(vectors, truth.taste[warm]),
+                     "log_popularity_r2": ridge_r2(vectors, truth.pop_z[warm, None]),
+                     "series_hit": series_hit(vectors, truth.series[warm])})
+    for window in (1, 3, 5, histories.shape[1]):
+        estimate = oracle_context_taste(histories, truth.taste, window)[warm]
+        rows.append({"vectors": f"oracle_context_w{window}",
+                     "taste_r2": ridge_r2(estimate, truth.taste[warm])})
+    record = {"benchmark": "task1_information", "dataset": dataset.name, "size": SIZE,
+              "warm_items": int(warm.sum()), "histories": int(histories.shape[0]),
+              "occurrences_per_warm_item": {"median": float(np.median(occurrences)),
+                                            "mean": float(occurrences.mean())}, "rows": rows}
+    write_json(RESULTS / f"{dataset.name}_{SIZE}_information.json", record)
+    return record
+
+
+def information_report(dataset: DataSet) -> str:
+    path = RESULTS / f"{dataset.name}_{SIZE}_information.json"
+    if not path.is_file():
+        return ""
+    record = json.loads(path.read_text())
+    lines = [f"What the vectors hold of the hidden truth ({record['warm_items']} warm items, a median of "
+             f"{record['occurrences_per_warm_item']['median']:.0f} occurrences each in "
+             f"{record['histories']} distinct training histories; cross-validated ridge R^2):", "",
+             "| vectors | taste R^2 | log popularity R^2 | series nearest-neighbour hit |",
+             "|---|---|---|---|"]
+    for row in record["rows"]:
+        extra = [f"{row[k]:.3f}" if k in row else "" for k in ("log_popularity_r2", "series_hit")]
+        lines.append(f"| `{row['vectors']}` | {row['taste_r2']:.3f} | {extra[0]} | {extra[1]} |")
+    return "\n".join(lines)
+
+
 def report(dataset: DataSet) -> str:
     """Markdown: test AUC per segment for each table (mean over the stored seeds), the oracle's last."""
     record = json.loads((RESULTS / f"{dataset.name}_{SIZE}.json").read_text())
@@ -175,14 +309,20 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="*", type=int, default=[0])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per run (not math)")
     parser.add_argument("--report", action="store_true", help="only print the table of stored results")
+    parser.add_argument("--information", action="store_true",
+                        help="measure what the tables on disk hold of the hidden truth instead of training")
     args = parser.parse_args()
     dataset = next(d for d in SUITE if d.name == args.dataset)
-    if not args.report:
+    if args.information:
+        information(dataset, Console())
+    elif not args.report:
         run(dataset, args.tables, args.seeds, args.threads, Console())
-    table = report(dataset)
+    table = "\n\n".join(t for t in (report(dataset) if (RESULTS / f"{dataset.name}_{SIZE}.json").is_file()
+                                      else "", information_report(dataset)) if t)
     (RESULTS.parent / f"task1_segments_{dataset.name}.md").write_text(
         f"Task 1 on `{dataset.name}` (small): test AUC of the organisers' DIN by target segment, mean over "
-        "the seeds shown; generated by `python benchmarks/task1_segments.py --report`.\n\n" + table + "\n")
+        "the seeds shown; generated by `python benchmarks/task1_segments.py --report` (`--information` "
+        "for the second table).\n\n" + table + "\n")
     print(table)
 
 

@@ -387,6 +387,9 @@ def embed(
     content_share: Annotated[float, typer.Option(help="With --tune histories: the share of the output kept "
                                                       "as the content's principal components (0: all of "
                                                       "it learned).")] = 0.0,
+    residual_dropout: Annotated[float, typer.Option(help="With --tune histories: the share of every batch "
+                                                         "scored on content alone (no per-item residual), "
+                                                         "so cold items' vectors are trained for.")] = 0.0,
 ) -> None:
     """Build the 128-d multimodal item embedding (Task 1) as an item_info-compatible table."""
     from qin.embed import Fusion, embed_from_content, embed_from_precomputed
@@ -402,7 +405,8 @@ def embed(
         if ignored:
             raise QinError(f"--tune histories tunes the table of --content, so {', '.join(ignored)} would be "
                            "ignored; build that table first with `qin embed --from ...`")
-        settings = TuneSettings(dim=dim, steps=tune_steps, seed=seed, content_share=content_share)
+        settings = TuneSettings(dim=dim, steps=tune_steps, seed=seed, content_share=content_share,
+                                residual_dropout=residual_dropout)
         table = tune_on_histories(content or item_info, data / "MicroLens_1M_x1" / "train.parquet",
                                   out or data / "item_info_tuned.parquet", settings, progress=_progress())
         console.print(f"wrote {table.out}: {table.items} items, {table.warm_items} of them in a training "
@@ -410,8 +414,9 @@ def embed(
                       f"({table.seconds:.1f} s)")
         console.print(f"use it with: --set data.item_info={table.out}")
         return
-    if content is not None or tune_steps != 2000 or seed != 0 or content_share != 0:
-        raise QinError("--content, --tune-steps, --seed and --content-share only apply with --tune histories")
+    if content is not None or tune_steps != 2000 or seed != 0 or content_share != 0 or residual_dropout != 0:
+        raise QinError("--content, --tune-steps, --seed, --content-share and --residual-dropout only apply "
+                       "with --tune histories")
     target = out or data / f"item_info_{source.value}.parquet"
     content_only = {"--text-model": text_model is not None, "--image-model": image_model is not None,
                     "--images": images is not None, "--text-weight": text_weight != 0.5,

@@ -71,6 +71,24 @@ def test_cold_items_get_their_content_only_vector() -> None:
     assert not np.allclose(again.vectors[39], tuned.vectors[39])
 
 
+def test_residual_dropout_pulls_the_content_only_vectors_onto_the_tuned_ones() -> None:
+    """With residuals dropped for part of every batch, the head must place an item from its content alone
+    where co-occurrence puts it, so a warm item's content-only vector (what a cold item gets) lies nearer its
+    tuned vector than without dropout; cold items still get exactly their content-only vector."""
+    content, histories = planted()
+    group = (np.arange(1, 41) - 1) // 10
+    content[1:, :4] += 0.7 * np.eye(4, dtype=np.float32)[group]  # content that hints at the group
+    base = TuneSettings(dim=8, steps=300, batch_size=64, hidden=16)
+    closeness = {}
+    for dropout in (0.0, 0.5):
+        tuned = tune_table(content, histories, TuneSettings(**{**base.__dict__, "residual_dropout": dropout}))
+        np.testing.assert_array_equal(tuned.vectors[36:], tuned.content_only[36:])
+        closeness[dropout] = float((tuned.vectors[:36] * tuned.content_only[:36]).sum(axis=1).mean())
+    assert closeness[0.5] > closeness[0.0] + 0.1, closeness
+    with pytest.raises(QinError, match="residual_dropout"):
+        tune_table(content, histories, TuneSettings(**{**base.__dict__, "residual_dropout": 1.0}))
+
+
 def test_the_content_part_is_the_contents_principal_components_whatever_the_histories() -> None:
     from sklearn.decomposition import PCA
 
@@ -157,6 +175,10 @@ def test_through_the_cli(tuned_inputs: Path) -> None:
     assert again.exit_code == 0, again.output
     half = runner.invoke(app, [*args, "--content-share", "0.5"], catch_exceptions=False)
     assert half.exit_code == 0, half.output
+    dropout = runner.invoke(app, [*args, "--residual-dropout", "0.2"], catch_exceptions=False)
+    assert dropout.exit_code == 0, dropout.output
+    bad_dropout = runner.invoke(app, [*args, "--residual-dropout", "1"], catch_exceptions=False)
+    assert bad_dropout.exit_code == 2 and "residual_dropout" in bad_dropout.output
     too_much = runner.invoke(app, [*args, "--content-share", "1"], catch_exceptions=False)
     assert too_much.exit_code == 2 and "content_share" in too_much.output
     refused = runner.invoke(app, [*args, "--from", "content"], catch_exceptions=False)
@@ -164,6 +186,9 @@ def test_through_the_cli(tuned_inputs: Path) -> None:
     stray = runner.invoke(app, ["embed", "--data", str(tuned_inputs), "--tune-steps", "5"],
                           catch_exceptions=False)
     assert stray.exit_code == 2 and "--tune histories" in stray.output
+    stray_dropout = runner.invoke(app, ["embed", "--data", str(tuned_inputs), "--residual-dropout", "0.2"],
+                                  catch_exceptions=False)
+    assert stray_dropout.exit_code == 2 and "--residual-dropout" in stray_dropout.output
 
 
 def test_neighbors_side_by_side(tuned_inputs: Path) -> None:

@@ -16,7 +16,8 @@ including what no content encoder sees (a series, a trend). So the tuned vector 
     head  a small MLP (c -> hidden -> d - k), shared by every item: what content predicts
     r_i   a free residual per item, zero at the start and kept small by an L2 term; only items that occur in
           a training history ever receive a gradient, so a cold item keeps r_i = 0 exactly and its vector
-          comes from its content alone, through the tuned head
+          comes from its content alone, through the tuned head (with `residual_dropout`, a share of each
+          batch is scored without its residuals, so that head is trained on the task a cold item poses)
 
 The learned part is trained with InfoNCE on pairs of items that co-occur within `window` slots of one
 training history (the rows' `item_seq` only: never `label`, never the row's target item, so nothing of the
@@ -69,6 +70,12 @@ class TuneSettings:
     temperature: float = 0.1  # InfoNCE
     hidden: int = 512  # the head's hidden width
     residual_l2: float = 1e-4  # weight of the mean squared norm of the residuals in the batch
+    # Share of the batch's items whose residual is left out for the step (their vector is normalise(head(c))):
+    # the head then learns to place a content-only vector where the warm items' co-occurrence puts them,
+    # so a cold item's vector lies among the warm ones instead of near their common centre (cold-start
+    # dropout, as in DropoutNet). Off by default: 0.2 measured no better in DIN on the log-like sets, whose
+    # content barely predicts co-occurrence (benchmarks/task1_segments.py, variant tuned_dropout).
+    residual_dropout: float = 0.0
     seed: int = 0
 
     @property
@@ -86,6 +93,9 @@ class TuneSettings:
         if not 0 <= self.content_share < 1 or self.content_dims >= self.dim:
             raise QinError(f"--tune histories: content_share must leave the learned part at least one of the "
                            f"{self.dim} dimensions (got {self.content_share})")
+        if not 0 <= self.residual_dropout < 1:
+            raise QinError("--tune histories: residual_dropout must lie in [0, 1) "
+                           f"(got {self.residual_dropout})")
         if self.residual_l2 < 0:
             raise QinError(f"--tune histories: residual_l2 must not be negative (got {self.residual_l2})")
 
@@ -151,8 +161,10 @@ class TunedItemTable(nn.Module):
         self.residual = nn.Embedding(content.shape[0], dim)
         nn.init.zeros_(self.residual.weight)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.head(self.content[ids]) + self.residual(ids), dim=-1)
+    def forward(self, ids: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """keep: (B,) 1 where the item's residual counts, 0 where it is dropped (None: all count)."""
+        residual = self.residual(ids) if keep is None else self.residual(ids) * keep[:, None]
+        return F.normalize(self.head(self.content[ids]) + residual, dim=-1)
 
     def content_vectors(self, ids: torch.Tensor) -> torch.Tensor:
         """The content-only vectors normalise(head(c_i)): what a cold item gets. (B,) -> (B, d)."""
@@ -219,7 +231,12 @@ def tune_table(content: np.ndarray, histories: np.ndarray, settings: TuneSetting
     losses: list[float] = []
     for step in range(settings.steps):
         anchor_ids, partner_ids = pairs.draw(settings.batch_size, generator)
-        loss = info_nce(table(anchor_ids), table(partner_ids), settings.temperature)
+        anchor_keep = partner_keep = None  # (B,) 1 = the item keeps its residual this step
+        if settings.residual_dropout > 0:
+            uniform = torch.rand(2, settings.batch_size, generator=generator)  # (2, B)
+            anchor_keep, partner_keep = (uniform >= settings.residual_dropout).float()
+        anchors, partners = table(anchor_ids, anchor_keep), table(partner_ids, partner_keep)  # (B, d) each
+        loss = info_nce(anchors, partners, settings.temperature)
         residuals = table.residual(torch.cat([anchor_ids, partner_ids]))  # (2B, d)
         total = loss + settings.residual_l2 * residuals.pow(2).sum(dim=-1).mean()
         optimizer.zero_grad()
