@@ -11,7 +11,7 @@ by what the generator knows of their target:
   w_series term; only co-occurrence can reveal a series);
 * rest: every other row (taste match, quality, bias, popularity).
 
-Tables: the benchmark's `organisers`, `tuned` and `true_latents` (the same files, built by
+Tables: the benchmark's `organisers`, `tuned`, `tuned_dropout` and `true_latents` (the same files, built by
 benchmarks/embeddings.py's `make_table`), and variants of `tuned` built here from it:
 
 * tuned_pop: the tuned vectors on their top 127 principal directions (re-normalised) beside a popularity
@@ -24,16 +24,15 @@ benchmarks/embeddings.py's `make_table`), and variants of `tuned` built here fro
   content through the tuned head;
 * tuned_coldzero: warm items as tuned, cold items all zero (what DIN's multimodal projection maps to 0: the
   row falls back on ids, tags and levels);
-* tuned_dropout: tuned again with `residual_dropout` 0.2 (a fifth of the batch's items lose their residual
-  for the step, so the head learns to put a content-only vector where co-occurrence puts warm items: cold
-  items' vectors spread like warm ones instead of collapsing onto the warm centre);
-* tuned_dropout_centred: tuned_dropout minus the warm items' mean vector, re-normalised (the tuned vectors
+* tuned_dropout_centred: the benchmark's tuned_dropout (`--residual-dropout 0.2`: a fifth of the batch's
+  items lose their residual for the step, so cold items' vectors spread like warm ones instead of
+  collapsing onto the warm centre) minus the warm items' mean vector, re-normalised (the tuned vectors
   sit in a narrow cone, mean cosine 0.65 to their centre; centring spreads them over the sphere);
 * tuned_w1w8: two 64-d channels, each tuned on its own: window 1 (consecutive items: the hidden series) and
   window 8 (about the whole history: taste), concatenated with weight 1/sqrt(2) each.
 
-The tuned variants (tuned_dropout, and tuned_w1w8's two channels) are tuned on first use and kept in the
-tables folder beside the benchmark's tables, like them.
+tuned_w1w8's two channels are tuned on first use and kept in the tables folder beside the benchmark's
+tables, like them.
 
 Results: benchmarks/results/task1_segments/<data set>_small.json (one row per table and seed; re-run to
 add), and the markdown table docs/quality.md quotes goes to benchmarks/results/task1_segments_<data set>.md.
@@ -70,16 +69,16 @@ from embeddings import SIZE, WORK, make_table, redraw_logs, train_din  # noqa: E
 from suite import SUITE, DataSet, draw  # noqa: E402
 
 from qin.embed.tables import read_item_info, write_item_table  # noqa: E402
-from qin.embed.tune import TuneSettings, read_histories, tune_on_histories  # noqa: E402
+from qin.embed.tune import HistoryPairs, TuneSettings, read_histories, tune_on_histories  # noqa: E402
 from qin.embed.vectors import l2_normalise, pca_reduce  # noqa: E402
 from qin.features.raw import ITEM_EMB  # noqa: E402
 from qin.metrics import auc  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "task1_segments"
-BASE_TABLES = ("organisers", "tuned", "true_latents")
+BASE_TABLES = ("organisers", "tuned", "tuned_dropout", "true_latents")
 VARIANTS = ("tuned_pop", "tuned_content16", "tuned_content32", "tuned_coldknn", "tuned_coldzero",
-            "tuned_dropout", "tuned_dropout_centred", "tuned_w1w8")
+            "tuned_dropout_centred", "tuned_w1w8")
 SEGMENTS = ("all", "cold", "series_mate", "rest")
 
 
@@ -95,9 +94,10 @@ def tuned_with(settings: TuneSettings, content: Path, train: Path, out: Path) ->
     return table_vectors(out)
 
 
-def make_variant(variant: str, tuned: Path, content: Path, train: Path, out: Path) -> Path:
+def make_variant(variant: str, tuned: Path, dropout: Path, content: Path, train: Path, out: Path) -> Path:
     """Write a variant of the tuned table (see the module docstring) to `out` (rebuilt every run, in
-    seconds, so it always follows the tables on disk; the feature folder is keyed by its content)."""
+    seconds, so it always follows the tables on disk; the feature folder is keyed by its content).
+    dropout: the benchmark's tuned_dropout table."""
     vectors = table_vectors(tuned)
     tables = out.parent
     table = np.zeros_like(vectors)
@@ -112,11 +112,9 @@ def make_variant(variant: str, tuned: Path, content: Path, train: Path, out: Pat
         channel[warm] = (log_counts - log_counts.mean()) / log_counts.std()
         table[1:, :127] = l2_normalise(pca_reduce(vectors[1:], 127).vectors)
         table[1:, 127] = 0.3 * channel[1:]
-    elif variant in ("tuned_dropout", "tuned_dropout_centred"):
-        table[:] = tuned_with(TuneSettings(seed=0, residual_dropout=0.2), content, train,
-                              tables / "tuned_dropout_tuned.parquet")
-        if variant == "tuned_dropout_centred":
-            table[1:] = l2_normalise(table[1:] - table[warm].mean(axis=0))
+    elif variant == "tuned_dropout_centred":
+        table[:] = table_vectors(dropout)
+        table[1:] = l2_normalise(table[1:] - table[warm].mean(axis=0))
     elif variant == "tuned_w1w8":
         for start, window in ((0, 1), (64, 8)):
             channel = tuned_with(TuneSettings(seed=0, dim=64, window=window), content, train,
@@ -163,9 +161,10 @@ def run(dataset: DataSet, tables: list[str], seeds: list[int], threads: int | No
     for table in tables:
         if table in VARIANTS:
             tuned, _ = make_table("tuned", dataset, data_root, work / "tables")
+            dropout, _ = make_table("tuned_dropout", dataset, data_root, work / "tables")
             content, _ = make_table("organisers", dataset, data_root, work / "tables")
             out = work / "tables" / f"{table}.parquet"
-            path = make_variant(table, tuned, content, raw / "train.parquet", out)
+            path = make_variant(table, tuned, dropout, content, raw / "train.parquet", out)
         else:
             path, _ = make_table(table, dataset, data_root, work / "tables")
         for seed in seeds:
@@ -214,9 +213,8 @@ def oracle_context_taste(histories: np.ndarray, taste: np.ndarray, window: int) 
     """(N + 1, d) each item's mean, over its occurrences in the histories (H, L), of the mean true taste of
     the items at most `window` slots away in that history; items never in a history (or without a
     neighbour) get zeros."""
-    real = histories != 0
-    items = np.take_along_axis(histories, np.argsort(~real, axis=1, kind="stable"), axis=1)  # left-aligned
-    lengths = real.sum(axis=1)
+    compact = HistoryPairs(histories, window)  # its (H, L) items, left-aligned, and their lengths
+    items, lengths = compact.items, compact.lengths
     total, count = np.zeros_like(taste), np.zeros(taste.shape[0])
     for position in range(items.shape[1]):
         rows = lengths > position
@@ -249,7 +247,7 @@ def information(dataset: DataSet, console: Console) -> dict[str, Any]:
     occurrences = np.bincount(histories.ravel(), minlength=warm.size)[warm]
     tables_dir = WORK / "task1" / f"{dataset.name}-{SIZE}" / "tables"
     tables = {"organisers": raw / "item_info.parquet"}
-    tables.update({t: tables_dir / f"{t}.parquet" for t in ("tuned", *VARIANTS, "true_latents")
+    tables.update({t: tables_dir / f"{t}.parquet" for t in BASE_TABLES[1:] + VARIANTS
                    if (tables_dir / f"{t}.parquet").is_file()})
     rows = []
     for name, path in tables.items():
